@@ -1,0 +1,39 @@
+# magic — every target runs inside .venv, which `make install` creates from a fresh clone.
+# `make demo` and `make test` are each the only command a newcomer needs.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install demo test test-slow lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv and install magic (editable) with its dev tools
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo: install  ## the main job on the embedded default data (digits MLP)
+	$(BIN)/magic train
+	$(BIN)/magic attribute --test-ids 0:50
+
+test: install  ## the test suite (fast; what CI runs)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: install  ## the slow tests only (longer end-to-end checks)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: install  ## ruff
+	$(BIN)/ruff check magic_cli tests scripts
+
+bench: install  ## attribution speed vs training on the default experiment
+	$(BIN)/python scripts/bench_attribute.py
+
+clean:  ## remove runs/ (not .venv)
+	rm -rf runs

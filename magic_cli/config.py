@@ -1,0 +1,369 @@
+"""Config: compose `conf/` with Hydra's compose API, validate it into typed dataclasses, and
+fingerprint the slice of it that determines training.
+
+Every error is a `ConfigError` whose one-line message names the key to change.
+Model and dataset options are checked against the keyword arguments of the registered
+builder (closed registries; nothing is imported by a dotted path from YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONF_PACKAGE = "magic_cli.conf"
+DTYPES = ("float32", "float64")
+DEVICES = ("cpu", "cuda")
+OUTPUTS = ("loss", "margin")
+# Keys whose values determine the training run (and so its checkpoints, outputs and scores).
+TRAINING_KEYS = ("seed", "dtype", "device", "threads", "dataset", "model", "optimizer", "train",
+                 "checkpoint")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message is one line that names the key to fix."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(key: str, value: Any, choices: typing.Iterable[str]) -> None:
+    choices = list(choices)
+    _check(value in choices, f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule: a multiplier of `lr` that is a pure function of the step."""
+
+    name: str = "constant"  # constant | onecycle | cosine
+    warmup: float = 0.0  # fraction of the steps rising linearly from start_factor to 1
+    start_factor: float = 0.0  # multiplier at step 0 (when warmup > 0)
+    end_factor: float = 0.0  # multiplier at the last step (onecycle, cosine)
+
+    def __post_init__(self):
+        _choice("optimizer.schedule.name", self.name, ("constant", "onecycle", "cosine"))
+        _check(0.0 <= self.warmup < 1.0, f"optimizer.schedule.warmup must be in [0, 1), got {self.warmup}")
+        _check(self.start_factor >= 0, "optimizer.schedule.start_factor must be >= 0")
+        _check(self.end_factor >= 0, "optimizer.schedule.end_factor must be >= 0")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """A pure optimizer (magic_cli.optim): adam (with eps_root) or sgd."""
+
+    name: str
+    lr: float
+    betas: tuple = (0.9, 0.999)  # adam
+    eps: float = 1e-8  # adam
+    eps_root: float = 0.0  # adam; > 0 for finite metagradients
+    momentum: float = 0.0  # sgd
+    nesterov: bool = False  # sgd
+    weight_decay: float = 0.0  # adam: decoupled; sgd: L2 in the gradient
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self):
+        from magic_cli.optim import OPTIMIZERS
+
+        _choice("optimizer.name", self.name, OPTIMIZERS)
+        _check(self.lr > 0, f"optimizer.lr must be > 0, got {self.lr}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"optimizer.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        _check(self.eps >= 0, "optimizer.eps must be >= 0")
+        _check(self.eps_root >= 0, "optimizer.eps_root must be >= 0")
+        _check(0 <= self.momentum < 1, f"optimizer.momentum must be in [0, 1), got {self.momentum}")
+        _check(not self.nesterov or self.momentum > 0, "optimizer.nesterov needs optimizer.momentum > 0")
+        _check(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int  # passes over the training split
+    batch_size: int  # nominal batch size B (the last partial batch of an epoch is dropped)
+    loss_reduction: str = "mean"  # mean | sum
+    data_weights: str | None = None  # path to a .npy of N weights; None = all ones
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _choice("train.loss_reduction", self.loss_reduction, ("mean", "sum"))
+        if self.data_weights is not None:
+            _check(Path(self.data_weights).is_file(),
+                   f"train.data_weights: no such file {self.data_weights!r}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    name: str = "all"  # all | sqrt | replay
+    k: int = 4  # replay branching factor
+
+    def __post_init__(self):
+        _choice("checkpoint.name", self.name, ("all", "sqrt", "replay"))
+        _check(self.k >= 2, f"checkpoint.k must be >= 2, got {self.k}")
+
+
+@dataclass(frozen=True)
+class AttributeConfig:
+    method: str = "magic"
+    output: str = "loss"  # loss | margin
+    batch_size: int = 64  # test ids per reverse pass
+
+    def __post_init__(self):
+        _choice("attribute.method", self.method, ("magic",))
+        _choice("attribute.output", self.output, OUTPUTS)
+        _check(self.batch_size >= 1, f"attribute.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class GroundTruthConfig:
+    drop_fractions: tuple = (0.01, 0.05, 0.1, 0.2)
+    num_subsets: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(len(self.drop_fractions) > 0, "ground_truth.drop_fractions must not be empty")
+        for p in self.drop_fractions:
+            _check(0 < p < 1, f"ground_truth.drop_fractions: {p} is not in (0, 1)")
+        _check(self.num_subsets >= 2, f"ground_truth.num_subsets must be >= 2, got {self.num_subsets}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated config of one run. `raw` is the resolved YAML tree as plain dicts."""
+
+    seed: int
+    dtype: str
+    device: str
+    threads: int
+    name: str
+    out_dir: str
+    dataset: dict  # {"name": ..., **builder options}; validated against the dataset registry
+    model: dict  # {"name": ..., **builder options}; validated against the model registry
+    optimizer: OptimizerConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    attribute: AttributeConfig
+    ground_truth: GroundTruthConfig
+    raw: dict = field(repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self):
+        from magic_cli.data import DATASETS
+        from magic_cli.models import MODELS
+
+        _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("device", self.device, DEVICES)
+        _check(self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        _check(bool(self.name) and "/" not in self.name, f"name must be a non-empty word, got {self.name!r}")
+        _check_registry_options("dataset", self.dataset, DATASETS)
+        _check_registry_options("model", self.model, MODELS)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir)
+
+    def training_slice(self) -> dict:
+        """The part of the config that determines training, with the data weights' content hash."""
+        sl = {k: self.raw[k] for k in TRAINING_KEYS}
+        if self.train.data_weights is not None:
+            digest = hashlib.sha256(Path(self.train.data_weights).read_bytes()).hexdigest()[:16]
+            sl = {**sl, "train": {**sl["train"], "data_weights": f"sha256:{digest}"}}
+        return sl
+
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.training_slice())
+
+
+def fingerprint_of(training_slice: dict) -> str:
+    text = json.dumps(training_slice, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts, as 'key: a -> b'."""
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        key = f"{prefix}{k}"
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_keys(va, vb, key + ".")
+        elif va != vb:
+            out.append(f"{key}: {va} -> {vb}")
+    return out
+
+
+def _check_registry_options(group: str, options: dict, registry: dict) -> None:
+    import inspect
+
+    _check(isinstance(options, dict), f"{group} must be a mapping with a name")
+    name = options.get("name")
+    _choice(f"{group}.name", name, registry)
+    params = inspect.signature(registry[name]).parameters
+    valid = [p for p, spec in params.items() if spec.kind == spec.KEYWORD_ONLY]
+    for key in options:
+        if key != "name":
+            _check(key in valid, f"unknown key {group}.{key} for {group}={name}; valid keys: "
+                   f"{', '.join(valid) or '(none)'}")
+
+
+def _build(cls, data: Any, prefix: str):
+    """Build dataclass `cls` from a plain dict, refusing unknown keys by their dotted name."""
+    _check(isinstance(data, dict), f"{prefix} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "raw"]
+    kwargs = {}
+    for key, value in data.items():
+        _check(key in names, f"unknown key {prefix}{key}; valid keys: {', '.join(prefix + n for n in names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            value = _build(hint, value, f"{prefix}{key}.")
+        elif hint is tuple and isinstance(value, list):
+            value = tuple(value)
+        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif hint in (int, float, bool, str) and not isinstance(value, hint) or (
+                hint is int and isinstance(value, bool)):
+            raise ConfigError(f"{prefix}{key} must be {hint.__name__}, got {value!r}")
+        kwargs[key] = value
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.name != "raw"
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    _check(not missing, f"missing key {prefix}{missing[0] if missing else ''}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a wrongly typed value reaching a comparison in __post_init__
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def conf_dir() -> Path:
+    """The packaged `conf/` folder (shipped inside the wheel as package data)."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files(CONF_PACKAGE)))
+
+
+def compose(overrides: list[str] | tuple = (), config_dir: str | None = None):
+    """Compose conf/ (+ a user's config folder) with Hydra overrides; returns a DictConfig."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    if config_dir is not None:
+        path = Path(config_dir).resolve()
+        _check(path.is_dir(), f"--config-dir: no such folder {config_dir!r}")
+        overrides.append(f"hydra.searchpath=[file://{path}]")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise ConfigError(_one_line_hydra_error(e, overrides)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _one_line_hydra_error(e: Exception, overrides: list[str]) -> str:
+    from hydra.errors import MissingConfigException
+
+    if isinstance(e, MissingConfigException) and getattr(e, "options", None):
+        group = str(e.missing_cfg_file).split("/")[0] if e.missing_cfg_file else "group"
+        bad = next((o for o in overrides if o.lstrip("+~").split("=")[0] == group), group)
+        return f"{bad}: no such option; choose one of: {', '.join(sorted(e.options))}"
+    import re
+
+    text = " ".join(str(e).split())
+    m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
+    if m:
+        key = m.group(1)
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        return f"unknown key {key}; valid keys{' under ' + parent if parent else ''}: {_valid_keys(parent)}"
+    return text
+
+
+def _valid_keys(parent: str) -> str:
+    """The keys of `parent` (dotted) in the default config, for error messages."""
+    from omegaconf import OmegaConf
+
+    try:
+        node = compose([])
+        for part in [p for p in parent.split(".") if p]:
+            node = node[part]
+        return ", ".join(str(k) for k in OmegaConf.to_container(node).keys())
+    except Exception:  # the message is still useful without the list
+        return "(see `magic config show`)"
+
+
+def load(overrides: list[str] | tuple = (), config_dir: str | None = None) -> Config:
+    """Compose and validate: the one entry point the commands use."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cfg = compose(overrides, config_dir)
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(" ".join(str(e).split())) from None
+    return from_dict(raw)
+
+
+def from_dict(raw: dict) -> Config:
+    """Validate a resolved config tree (as saved in a run's config.yaml)."""
+    _check(isinstance(raw, dict), "config must be a mapping")
+    return dataclasses.replace(_build(Config, raw, ""), raw=raw)
+
+
+def to_yaml(raw: dict) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(raw))
+
+
+def _int_or_none(text: str, token: str) -> int | None:
+    try:
+        return int(text) if text.strip() else None
+    except ValueError:
+        raise ConfigError(f"--test-ids: {token!r} is not an id, a slice like 0:50, or @file") from None
+
+
+def parse_test_ids(spec: str, n_test: int) -> list[int]:
+    """Test ids from '3', '0,5,9', '0:50', '0:50:5' (Python slice syntax) or '@file' (one per line)."""
+    from pathlib import Path
+
+    spec = spec.strip()
+    if spec.startswith("@"):
+        path = Path(spec[1:])
+        _check(path.is_file(), f"--test-ids: no such file {spec[1:]!r}")
+        parts = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+        tokens = [p for p in parts if p]
+    else:
+        tokens = [t.strip() for t in spec.split(",") if t.strip()]
+    _check(len(tokens) > 0, f"--test-ids {spec!r} selects no test ids")
+    ids: list[int] = []
+    for token in tokens:
+        fields = [_int_or_none(f, token) for f in token.split(":")]
+        if len(fields) == 1:
+            _check(fields[0] is not None, f"--test-ids: {token!r} is not an id")
+            ids.append(fields[0])
+            continue
+        _check(len(fields) <= 3, f"--test-ids: bad slice {token!r}")
+        start, stop = fields[0], fields[1]
+        _check(start is None or 0 <= start < n_test,
+               f"--test-ids: {token!r} starts outside the test split (0..{n_test - 1})")
+        _check(stop is None or 0 <= stop <= n_test,
+               f"--test-ids: {token!r} ends outside the test split (0..{n_test})")
+        _check(len(fields) < 3 or fields[2] is None or fields[2] > 0, f"--test-ids: bad step in {token!r}")
+        ids += list(range(n_test))[slice(*fields)]
+    bad = [i for i in ids if not 0 <= i < n_test]
+    _check(not bad, f"--test-ids: id {bad[0] if bad else ''} is outside the test split (0..{n_test - 1})")
+    _check(len(ids) > 0, f"--test-ids {spec!r} selects no test ids")
+    return list(dict.fromkeys(ids))  # unique, in the given order

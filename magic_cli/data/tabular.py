@@ -1,0 +1,50 @@
+"""Real tabular datasets that ship inside scikit-learn (no download): digits, breast cancer, wine."""
+
+from __future__ import annotations
+
+
+def _split_standardise(name: str, x, y, seed: int, test_fraction: float):
+    import numpy as np
+    import torch
+
+    from magic_cli.data import Dataset
+    from magic_cli.determinism import derive_seed
+
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"dataset.test_fraction must be in (0, 1), got {test_fraction}")
+    n = len(y)
+    perm = np.random.default_rng(derive_seed(seed, "split")).permutation(n)
+    n_test = int(round(n * test_fraction))
+    test, train = perm[:n_test], perm[n_test:]
+    mean = x[train].mean(axis=0)
+    std = x[train].std(axis=0)
+    std[std == 0] = 1.0  # constant pixels (digits' borders) stay at 0
+    x = (x - mean) / std
+    as_x = lambda idx: torch.from_numpy(np.ascontiguousarray(x[idx], dtype=np.float64))  # noqa: E731
+    as_y = lambda idx: torch.from_numpy(np.ascontiguousarray(y[idx], dtype=np.int64))  # noqa: E731
+    return Dataset(name=name, x_train=as_x(train), y_train=as_y(train), x_test=as_x(test),
+                   y_test=as_y(test), n_classes=int(y.max()) + 1)
+
+
+def digits(seed: int, *, test_fraction: float = 0.2):
+    """1797 handwritten digits, 8x8 pixels flattened to 64 features, 10 classes."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return _split_standardise("digits", d.data.astype("float64"), d.target, seed, test_fraction)
+
+
+def breast_cancer(seed: int, *, test_fraction: float = 0.2):
+    """569 tumours, 30 features, 2 classes."""
+    from sklearn.datasets import load_breast_cancer
+
+    d = load_breast_cancer()
+    return _split_standardise("breast_cancer", d.data.astype("float64"), d.target, seed, test_fraction)
+
+
+def wine(seed: int, *, test_fraction: float = 0.2):
+    """178 wines, 13 features, 3 classes."""
+    from sklearn.datasets import load_wine
+
+    d = load_wine()
+    return _split_standardise("wine", d.data.astype("float64"), d.target, seed, test_fraction)

@@ -1,0 +1,231 @@
+"""The reverse pass of MAGIC: exact d f_j / d w for a batch of test examples j.
+
+    lambda_T = d phi_j / d s_T                       (J cotangents at once)
+    for t = T-1 ... 0:                               (states from replay.ReverseStates)
+        (lambda_t, beta_t) = VJP of train_step at (s_t, w[B_t]) applied to lambda_{t+1}
+        scores[j, B_t] += beta_t[j]                  (an example seen in several epochs accumulates)
+
+One VJP through a step that itself contains a gradient is a backward-over-backward; the
+weight part beta_t comes out of the same VJP because w enters the step linearly. The VJP
+function of a step is computed once and applied to all J cotangents with torch.func.vmap,
+so the forward recomputation and the step's graph are shared by the whole batch.
+
+Sign: scores[j, i] = d f_j / d w_i at the training weights (a positive score for the loss
+output means up-weighting example i raises test loss j).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from magic_cli.train import OUTPUT_FUNCTIONS, Problem, TrainState, load_checkpoints, unflatten_state
+
+
+class NonDeterminismError(RuntimeError):
+    """A recomputed training state differs from the one `train` stored."""
+
+
+class NonFiniteAdjointError(RuntimeError):
+    """The adjoint became NaN or Inf during the reverse pass."""
+
+
+@dataclass
+class ReverseStats:
+    seconds: float = 0.0
+    peak_states: int = 0
+    forward_steps: int = 0
+    steps: int = 0
+
+
+def output_cotangents(problem: Problem, state: TrainState, test_ids, output: str) -> TrainState:
+    """d f_j / d s_T for each test id j: a TrainState whose tensors have a leading (J,) dim."""
+    import torch
+    from torch.func import grad, vmap
+
+    ids = torch.as_tensor(list(test_ids), device=problem.device)
+    x, y = problem.dataset.x_test[ids], problem.dataset.y_test[ids]
+    fn = OUTPUT_FUNCTIONS[output]
+
+    def f(params, buffers, xj, yj):
+        logits, _ = problem.model.apply(params, buffers, xj[None], train=False)
+        return fn(logits, yj[None]).sum()
+
+    g_params, g_buffers = vmap(grad(f, argnums=(0, 1)), in_dims=(None, None, 0, 0))(
+        state.params, state.buffers, x, y)
+    zeros = lambda d: {k: zeros(v) if isinstance(v, dict) else  # noqa: E731
+                       torch.zeros((len(ids), *v.shape), dtype=v.dtype, device=v.device)
+                       for k, v in d.items()}
+    return TrainState(g_params, g_buffers, zeros(state.opt))
+
+
+def _all_finite(tree) -> bool:
+    import torch
+
+    leaves = torch.utils._pytree.tree_leaves(tree)
+    return bool(torch.isfinite(torch.stack([leaf.sum() for leaf in leaves])).all()) if leaves else True
+
+
+def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: str, k: int,
+                 test_ids: list[int], output: str, progress=None, verify: bool = True):
+    """scores (J, N) in the run's dtype for the test ids, and ReverseStats.
+
+    `stored` maps the checkpoint steps `train` stored to states or lazy loaders; every one of
+    them (and the final state) is compared bitwise with its recomputation.
+    """
+    import torch
+
+    from magic_cli.replay import ReverseStates
+
+    T = problem.total_steps
+    start = time.perf_counter()
+    states = ReverseStates(lambda s, t: problem.step(s, t), stored, T, strategy, k)
+    check_at = {**stored, T: final} if verify else {}
+    lam = output_cotangents(problem, final, test_ids, output)
+    scores = torch.zeros(len(test_ids), problem.dataset.n_train, dtype=problem.dtype, device=problem.device)
+    for done, (t, s_t) in enumerate(states):
+        s_next, lam, beta = reverse_step(problem, s_t, t, lam)
+        if t + 1 in check_at:
+            expected = check_at[t + 1]
+            expected = expected() if callable(expected) else expected
+            if not _states_equal(s_next, expected):
+                raise NonDeterminismError(
+                    f"training is not deterministic: the state after step {t + 1} recomputed in the "
+                    f"reverse pass differs from the one `magic train` stored")
+        if not _all_finite((lam, beta)):
+            raise NonFiniteAdjointError(
+                f"the adjoint became NaN/Inf at step {t}: increase optimizer.eps_root or lower "
+                f"optimizer.lr")
+        scores[:, problem.schedule[t].to(problem.device)] += beta
+        if progress is not None:
+            progress(done + 1)
+    stats = ReverseStats(time.perf_counter() - start, states.peak_states, states.forward_steps, T)
+    return scores, stats
+
+
+def reverse_step(problem: Problem, state: TrainState, t: int, lam: TrainState):
+    """One step of the reverse pass at s_t for J cotangents lam (leading dim J) of s_{t+1}.
+
+    Returns (s_{t+1}, cotangents of s_t, beta (J, B) = cotangent of the batch weights). The
+    step is split as train_step is: grads = grad_fn(params, buffers, w), then the optimizer
+    update. The update's VJP is the optimizer's hand-derived `vjp`; the gradient's VJP is a
+    backward-over-backward, with plain autograd for one cotangent and torch.func.vmap over
+    torch.func.vjp for several (both give the same values; the first has less overhead).
+    """
+    import torch
+    from torch.func import vjp, vmap
+
+    batch = problem.batch(t)
+    idx = problem.schedule[t].to(problem.device)
+    w = problem.weights[idx]
+    J = next(iter(torch.utils._pytree.tree_leaves(lam))).shape[0]
+
+    if J == 1:
+        grads, new_buffers, grad_vjp = _grad_vjp_autograd(problem, state, batch, w)
+    else:
+        (grads, new_buffers), fn = vjp(lambda p, b, w_: problem.grad_fn(p, b, batch.x, batch.y, w_),
+                                       state.params, state.buffers, w)
+        grad_vjp = vmap(fn)
+    new_params, new_opt = problem.optimizer.update(grads, state.opt, state.params, t)
+    ct_p, ct_opt, ct_g = problem.optimizer.vjp(grads, state.opt, state.params, t, lam.params, lam.opt)
+    hvp_p, ct_buffers, beta = grad_vjp((ct_g, lam.buffers))
+    ct_params = {k: ct_p[k] + hvp_p[k] for k in ct_p}
+    return TrainState(new_params, new_buffers, new_opt), TrainState(ct_params, ct_buffers, ct_opt), beta
+
+
+def _grad_vjp_autograd(problem: Problem, state: TrainState, batch, w):
+    """grads, new_buffers, and a VJP function for ONE cotangent with a leading dim of 1."""
+    import torch
+
+    with torch.enable_grad():
+        params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
+        buffers = {k: v.detach().requires_grad_() for k, v in state.buffers.items()}
+        w = w.detach().requires_grad_()
+        grads, new_buffers = problem.grad_fn(params, buffers, batch.x, batch.y, w)
+
+    def grad_vjp(cotangents):
+        ct_g, ct_buf = cotangents
+        outs = list(grads.values()) + list(new_buffers.values())
+        cts = [ct_g[k][0] for k in grads] + [ct_buf[k][0] for k in new_buffers]
+        ins = list(params.values()) + list(buffers.values()) + [w]
+        res = torch.autograd.grad(outs, ins, grad_outputs=cts, allow_unused=True, materialize_grads=True)
+        n = len(params)
+        return ({k: r[None] for k, r in zip(params, res[:n])},
+                {k: r[None] for k, r in zip(buffers, res[n:n + len(buffers)])}, res[-1][None])
+
+    detach = lambda d: {k: v.detach() for k, v in d.items()}  # noqa: E731
+    return detach(grads), detach(new_buffers), grad_vjp
+
+
+def _states_equal(a: TrainState, b: TrainState) -> bool:
+    from magic_cli.train import states_equal
+
+    return states_equal(a, b)
+
+
+def load_final_and_stored(problem: Problem, run) -> tuple[TrainState, dict]:
+    from magic_cli.run_dir import load_tensors
+
+    template = problem.init_state()
+    final = unflatten_state({k: v.to(problem.device) for k, v in load_tensors(run.final_state).items()},
+                            template)
+    return final, load_checkpoints(run.checkpoints, template, problem.device)
+
+
+def attribute_stage(config, run, test_ids_spec: str, overwrite: bool = False, progress_factory=None) -> dict:
+    """`magic attribute`: MAGIC scores for the requested test ids; returns the sidecar dict.
+
+    Writes attribute/magic/test_<id>.npy (N,) per id (skipping ids already present unless
+    overwrite) and the merged scores.npy (N, n_ids) + scores.json for the requested ids.
+    """
+    import numpy as np
+
+    from magic_cli.config import parse_test_ids
+    from magic_cli.determinism import enable_determinism
+    from magic_cli.progress import no_progress
+    from magic_cli.run_dir import load_npy, save_json, save_npy
+
+    if config.dtype not in ("float32", "float64"):
+        raise ValueError(f"attribution needs dtype float32 or float64, not {config.dtype}: half precision "
+                         "gives meaningless metagradients")
+    enable_determinism(config.device, config.threads)
+    record = run.require_trained(config)
+    problem = Problem.build(config)
+    ids = parse_test_ids(test_ids_spec, problem.dataset.n_test)
+    method, output = "magic", config.attribute.output
+    todo = [i for i in ids if overwrite or not run.test_scores(method, i).is_file()]
+    stats = ReverseStats(steps=problem.total_steps)
+    if todo:
+        final, stored = load_final_and_stored(problem, run)
+        size = config.attribute.batch_size
+        for start in range(0, len(todo), size):
+            chunk = todo[start:start + size]
+            label = f"attribute {len(chunk)} id{'s' if len(chunk) > 1 else ''} ({start + len(chunk)}/{len(todo)})"
+            with (progress_factory or no_progress)(label, problem.total_steps) as advance:
+                scores, st = reverse_pass(problem, final, stored, config.checkpoint.name, config.checkpoint.k,
+                                          chunk, output, progress=advance)
+            for j, test_id in enumerate(chunk):
+                save_npy(run.test_scores(method, test_id), scores[j].cpu().numpy())
+            stats.seconds += st.seconds
+            stats.peak_states = max(stats.peak_states, st.peak_states)
+            stats.forward_steps += st.forward_steps
+    merged = np.stack([load_npy(run.test_scores(method, i)) for i in ids], axis=1)  # (N, n_ids)
+    sidecar = {
+        "method": method,
+        "test_ids": ids,
+        "output": output,
+        "sign": "d output / d weight",
+        "checkpoint": {"name": config.checkpoint.name, "k": config.checkpoint.k},
+        "fingerprint": record["fingerprint"],
+        "seconds": stats.seconds,
+        "ids_computed": len(todo),
+        "peak_states": stats.peak_states,
+        "forward_steps": stats.forward_steps,
+        "steps": problem.total_steps,
+        "batch_size": config.attribute.batch_size,
+        "shape": list(merged.shape),
+        "dtype": str(merged.dtype),
+    }
+    save_npy(run.scores_npy(method), merged)
+    save_json(run.scores_json(method), sidecar)
+    return sidecar

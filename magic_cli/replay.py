@@ -1,0 +1,105 @@
+"""Reverse-order training states without storing them all: checkpoint strategies.
+
+The reverse pass needs s_{T-1}, ..., s_0 in that order. All three strategies are one lazy
+tree over the states 0..T (Engstrom et al. 2025, "REPLAY"):
+
+    expand(lo, hi, s_lo):   # yield s_{hi-1} ... s_lo
+        boundaries lo = b_0 < b_1 < ... < b_m = hi
+        run forward from s_lo, keeping s_{b_1} ... s_{b_{m-1}}
+        for each child [b_c, b_{c+1}) from last to first: expand it, then drop s_{b_c}
+
+The root's boundaries are the checkpoints `train` stores; the strategies differ only in how
+a segment is split:
+
+    all     root = every state                  -> no recomputation, T+1 states
+    sqrt    root = ~sqrt(T) states, then every step of one segment at a time  -> ~2 sqrt(T)
+    replay  root = k+1 states, then k-ary below -> <= k * ceil(log_k T) states, ~T log_k T steps
+
+Recomputation is exactly the training step, so every state is bit-identical to training's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+
+def kary_split(lo: int, hi: int, k: int) -> list[int]:
+    """Boundaries splitting [lo, hi] into at most k near-equal children (deduplicated)."""
+    n = hi - lo
+    return sorted({lo + (c * n) // k for c in range(k + 1)})
+
+
+def root_boundaries(strategy: str, total_steps: int, k: int = 4) -> list[int]:
+    """The steps whose states `train` stores for a strategy (always includes 0 and T)."""
+    T = total_steps
+    if strategy == "all":
+        return list(range(T + 1))
+    if strategy == "sqrt":
+        return kary_split(0, T, max(1, math.ceil(math.sqrt(T))))
+    if strategy == "replay":
+        return kary_split(0, T, k)
+    raise ValueError(f"checkpoint.name={strategy!r} is not valid; choose one of: all, sqrt, replay")
+
+
+class ReverseStates:
+    """Iterate (t, s_t) for t = T-1 ... 0 from the root checkpoints, recomputing the rest.
+
+    forward(state, t) -> state at t+1 (the training step). `stored` maps root boundaries
+    (as from root_boundaries) to states, or to zero-argument loaders for lazy loading.
+    Counts `forward_steps` and `peak_states`: the most states held at once (stored states
+    held, boundaries kept, and the state being recomputed).
+    """
+
+    def __init__(self, forward: Callable, stored: dict, total_steps: int, strategy: str, k: int = 4):
+        self.forward = forward
+        self.stored = stored
+        self.T = total_steps
+        self.strategy = strategy
+        self.k = k
+        self.forward_steps = 0
+        self.held = 0
+        self.peak_states = 0
+
+    def _hold(self, n: int = 1) -> None:
+        self.held += n
+        self.peak_states = max(self.peak_states, self.held)
+
+    def _split(self, lo: int, hi: int) -> list[int]:
+        if self.strategy == "sqrt":
+            return list(range(lo, hi + 1))
+        if self.strategy == "replay":
+            return kary_split(lo, hi, self.k)
+        raise AssertionError("strategy 'all' stores every state and never splits below the root")
+
+    def __iter__(self) -> Iterator[tuple[int, object]]:
+        bounds = sorted(t for t in self.stored if t < self.T)
+        if bounds[0] != 0 or max(self.stored) != self.T:
+            raise ValueError("stored checkpoints must include steps 0 and T")
+        self._hold(len(bounds))  # the root checkpoints (s_T is the caller's)
+        ends = bounds[1:] + [self.T]
+        for lo, hi in reversed(list(zip(bounds, ends))):
+            state = self.stored[lo]
+            yield from self._expand(lo, hi, state() if callable(state) else state)
+
+    def _expand(self, lo: int, hi: int, s_lo) -> Iterator[tuple[int, object]]:
+        """Yield s_{hi-1} ... s_lo; owns s_lo and releases it when done."""
+        if hi - lo == 1:
+            yield lo, s_lo
+            self.held -= 1
+            return
+        bounds = self._split(lo, hi)
+        kept = {lo: s_lo}
+        state, state_is_transient = s_lo, False
+        for t in range(lo, bounds[-2]):
+            state_next = self.forward(state, t)
+            self.forward_steps += 1
+            # alive now: the held states, the new one, and its input if that is not kept
+            self.peak_states = max(self.peak_states, self.held + 1 + state_is_transient)
+            state = state_next
+            state_is_transient = t + 1 not in bounds
+            if not state_is_transient:
+                kept[t + 1] = state
+                self.held += 1
+        for a, b in reversed(list(zip(bounds[:-1], bounds[1:]))):
+            yield from self._expand(a, b, kept.pop(a))
