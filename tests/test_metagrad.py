@@ -1,0 +1,176 @@
+"""`magic attribute`: exactness (unrolled autograd, finite differences), checkpoint strategies,
+batching, resuming and guard rails."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, problem_for
+from magic_cli.replay import ReverseStates, root_boundaries
+from magic_cli.train import OUTPUT_FUNCTIONS
+
+
+def _attribute(cli, run_dir, ids, *overrides, extra=()):
+    code, _, err = cli("train", *TINY, f"out_dir={run_dir}", *overrides)
+    assert code == 0, err
+    code, _, err = cli("attribute", "--test-ids", ids, *TINY, f"out_dir={run_dir}", *overrides, *extra)
+    assert code == 0, err
+    side = json.loads((run_dir / "attribute" / "magic" / "scores.json").read_text())
+    return np.load(run_dir / "attribute" / "magic" / "scores.npy"), side
+
+
+def _unrolled(problem, ids, output):
+    """d f_j / d w by autograd through the fully unrolled training loop: (len(ids), N)."""
+    w = problem.weights.clone().requires_grad_()
+    state = problem.init_state()
+    with torch.enable_grad():
+        for t in range(problem.total_steps):
+            state = problem.step(state, t, w)
+        logits, _ = problem.model.apply(state.params, state.buffers, problem.dataset.x_test[ids], train=False)
+        out = OUTPUT_FUNCTIONS[output](logits, problem.dataset.y_test[ids])
+        return torch.stack([torch.autograd.grad(out[j], w, retain_graph=True)[0] for j in range(len(ids))])
+
+
+MODELS_AND_OPTIMIZERS = [
+    ("mlp", ["optimizer=adam"]),
+    ("mlp", ["optimizer=adam", "optimizer.weight_decay=0.05"]),
+    ("mlp", ["optimizer=sgd", "optimizer.nesterov=true"]),
+    ("mlp", ["optimizer=sgd", "optimizer.momentum=0"]),
+    ("mlp", ["optimizer=sgd", "optimizer.schedule.name=cosine", "train.loss_reduction=sum", "optimizer.lr=0.002"]),
+    ("logreg", ["optimizer=adam"]),
+    ("logreg", ["optimizer=sgd", "optimizer.nesterov=true"]),
+]
+
+
+@pytest.mark.parametrize("output", ["loss", "margin"])
+@pytest.mark.parametrize("model, overrides", MODELS_AND_OPTIMIZERS)
+def test_scores_match_unrolled_autograd(cli, tmp_path, model, overrides, output):
+    ids = [0, 3, 7]
+    extra = [f"model={model}"] + (["model.hidden=[8]"] if model == "mlp" else []) + overrides
+    overrides_all = TINY[:1] + TINY[2:] + extra + [f"attribute.output={output}"]
+    code, _, err = cli("train", *overrides_all, f"out_dir={tmp_path}")
+    assert code == 0, err
+    code, _, err = cli("attribute", "--test-ids", "0,3,7", *overrides_all, f"out_dir={tmp_path}")
+    assert code == 0, err
+    scores = np.load(tmp_path / "attribute" / "magic" / "scores.npy")  # (N, 3)
+    want = _unrolled(problem_for(overrides_all), ids, output).numpy().T
+    assert np.abs(scores - want).max() <= 1e-10 * np.abs(want).max()
+
+
+def test_scores_match_central_finite_differences(cli, tmp_path):
+    scores, _ = _attribute(cli, tmp_path, "2,5")
+    problem = problem_for(TINY)
+    rng = np.random.default_rng(0)
+    h = 1e-4
+    for i in rng.choice(problem.dataset.n_train, size=4, replace=False):
+        e = torch.zeros(problem.dataset.n_train, dtype=problem.dtype)
+        e[i] = h
+        plus = problem.outputs(problem.run(weights=problem.weights + e)[0])["loss"]
+        minus = problem.outputs(problem.run(weights=problem.weights - e)[0])["loss"]
+        fd = (plus - minus)[[2, 5]] / (2 * h)
+        np.testing.assert_allclose(scores[i], fd, rtol=1e-6, atol=1e-6 * np.abs(scores).max())
+
+
+def test_strategies_give_bit_identical_scores(cli, tmp_path):
+    base, side = _attribute(cli, tmp_path / "all", "0:6", "checkpoint=all")
+    assert side["peak_states"] == side["steps"]
+    for name, extra in [("sqrt", ["checkpoint=sqrt"])] + [
+            (f"replay{k}", ["checkpoint=replay", f"checkpoint.k={k}"]) for k in (2, 3, 4)]:
+        scores, side = _attribute(cli, tmp_path / name, "0:6", *extra)
+        assert scores.tobytes() == base.tobytes(), name
+        T = side["steps"]
+        if name.startswith("replay"):
+            k = side["checkpoint"]["k"]
+            assert side["peak_states"] <= k * _ceil_log(T, k) + 2
+            assert side["forward_steps"] > 0
+
+
+def _ceil_log(T: int, k: int) -> int:
+    """ceil(log_k T) in integers (floating log is off by one at exact powers)."""
+    n, levels = 1, 0
+    while n < T:
+        n, levels = n * k, levels + 1
+    return levels
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 7])
+@pytest.mark.parametrize("T", [1, 2, 5, 8, 9, 27, 64, 100, 333])
+def test_replay_iterator_order_and_memory_bound(T, k):
+    stored = {t: t for t in root_boundaries("replay", T, k)}
+    it = ReverseStates(lambda s, t: s + 1, stored, T, "replay", k)
+    assert list(it) == [(t, t) for t in reversed(range(T))]
+    assert it.peak_states <= k * _ceil_log(T, k) + 2
+    assert it.forward_steps <= T * max(1, _ceil_log(T, k))
+
+
+@pytest.mark.parametrize("T", [1, 4, 10, 50])
+def test_sqrt_and_all_iterators(T):
+    for strategy in ("all", "sqrt"):
+        stored = {t: t for t in root_boundaries(strategy, T)}
+        it = ReverseStates(lambda s, t: s + 1, stored, T, strategy)
+        assert list(it) == [(t, t) for t in reversed(range(T))]
+        if strategy == "sqrt":
+            assert it.peak_states <= 2 * math.ceil(math.sqrt(T)) + 2
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("float64", 1e-12)])
+def test_batched_equals_one_at_a_time(cli, tmp_path, dtype, tol):
+    one, _ = _attribute(cli, tmp_path / "one", "0:16", f"dtype={dtype}", "attribute.batch_size=1")
+    many, side = _attribute(cli, tmp_path / "many", "0:16", f"dtype={dtype}", "attribute.batch_size=16")
+    assert one.dtype == np.dtype(dtype)
+    assert np.abs(one - many).max() <= tol * np.abs(one).max()
+
+
+def test_resume_computes_only_new_ids(cli, tmp_path):
+    _attribute(cli, tmp_path / "r", "0:10")
+    merged, side = _attribute(cli, tmp_path / "r", "0:20")
+    assert side["ids_computed"] == 10 and side["test_ids"] == list(range(20))
+    at_once, _ = _attribute(cli, tmp_path / "once", "0:20")
+    assert merged.shape == (merged.shape[0], 20)
+    assert merged.tobytes() == at_once.tobytes()
+
+
+def test_out_of_range_ids_write_nothing(cli, tmp_path):
+    code, _, err = cli("train", *TINY, f"out_dir={tmp_path}")
+    assert code == 0, err
+    code, _, err = cli("attribute", "--test-ids", "0:9999", *TINY, f"out_dir={tmp_path}")
+    assert code == 2 and "outside the test split" in err and err.count("\n") == 1
+    assert not (tmp_path / "attribute").exists()
+
+
+def test_attribute_before_train_and_with_other_config(cli, tmp_path):
+    code, _, err = cli("attribute", "--test-ids", "0", *TINY, f"out_dir={tmp_path}")
+    assert code == 2 and "run `magic train`" in err
+    cli("train", *TINY, f"out_dir={tmp_path}")
+    code, _, err = cli("attribute", "--test-ids", "0", *TINY, f"out_dir={tmp_path}", "optimizer.lr=0.01")
+    assert code == 2 and "optimizer.lr: 0.0015 -> 0.01" in err
+
+
+def test_nan_adjoint_is_reported_with_its_step(cli, tmp_path):
+    """Adam without eps_root: constant digits pixels give v = 0 and d sqrt(v)/dv is infinite."""
+    overrides = ["optimizer.eps_root=0", "train.epochs=1", "model.hidden=[8]", f"out_dir={tmp_path}"]
+    code, _, err = cli("train", *overrides)
+    assert code == 0, err
+    code, _, err = cli("attribute", "--test-ids", "0", *overrides)
+    assert code == 1 and "NaN/Inf at step" in err and "eps_root" in err
+
+
+def test_non_deterministic_recomputation_is_detected(cli, tmp_path):
+    from magic_cli.run_dir import load_tensors, save_tensors
+
+    cli("train", *TINY, "checkpoint=replay", "checkpoint.k=2", f"out_dir={tmp_path}")
+    path = tmp_path / "train" / "checkpoints.pt"
+    data = load_tensors(path)
+    steps = data["steps"].tolist()
+    key = next(k for k in data if k.startswith("params/"))
+    data[key][1] += 1e-12  # tamper with the second stored state
+    save_tensors(path, data)
+    code, _, err = cli("attribute", "--test-ids", "0", *TINY, "checkpoint=replay", "checkpoint.k=2",
+                       f"out_dir={tmp_path}")
+    # the segment recomputed from the tampered state no longer reaches the next stored one
+    assert code == 1 and f"after step {steps[2]}" in err
