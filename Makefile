@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+WORKERS ?= $(shell nproc 2>/dev/null || echo 1)  # retraining processes for the ground truth
 
 .PHONY: help install demo test test-slow lint bench clean
 
@@ -19,9 +20,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $(STAMP)
 
-demo: install  ## the main job on the embedded default data (digits MLP)
+demo: install  ## the whole pipeline on the embedded default (digits MLP): train -> attribute -> ground truth -> LDS
 	$(BIN)/magic train
 	$(BIN)/magic attribute --test-ids 0:50
+	$(BIN)/magic retrain-ground-truth --workers $(WORKERS)
+	$(BIN)/magic score
+	@echo "report: runs/default/report/report.md"
 
 test: install  ## the test suite (fast; what CI runs)
 	$(BIN)/python -m pytest -q -m "not slow"

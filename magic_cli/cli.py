@@ -124,6 +124,45 @@ def attribute(
     typer.echo(f"wrote {run.scores_npy(side['method'])} {tuple(side['shape'])}")
 
 
+@app.command("retrain-ground-truth")
+def retrain_ground_truth(
+    overrides: Overrides = None, config_dir: ConfigDir = None,
+    shard: Annotated[Optional[str], typer.Option(
+        "--shard", help="Do only subsets with index = I mod N (I/N), to spread one job over machines.",
+        show_default=False)] = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", help="Parallel processes, one torch thread each (results do not depend on it).")] = 1,
+):
+    """Retrain on random subsets (ground_truth.drop_fractions x num_subsets); resumable and shardable."""
+    from magic_cli.ground_truth import ground_truth_stage
+    from magic_cli.progress import rich_progress
+    from magic_cli.run_dir import RunDir
+
+    cfg = _load(overrides, config_dir)
+    run = RunDir(cfg.out_dir)
+    res = _run(ground_truth_stage, cfg, run, shard=shard, workers=workers, progress_factory=rich_progress)
+    rate = f" ({res['per_minute']:.1f} subsets/min with {workers} worker{'s' if workers > 1 else ''})" \
+        if res["per_minute"] else ""
+    _console().print(f"retrained {res['done']} subsets in {res['seconds']:.1f}s{rate}")
+    merged = ", ".join(f"{p:g}" for p in res["merged"]) or "none yet"
+    typer.echo(f"wrote {run.root / 'ground_truth'} (complete drop fractions: {merged})")
+
+
+@app.command()
+def score(overrides: Overrides = None, config_dir: ConfigDir = None):
+    """LDS of every attribution method against the ground truth; writes report/."""
+    from magic_cli.report import rich_table, score_stage
+    from magic_cli.run_dir import RunDir
+
+    cfg = _load(overrides, config_dir)
+    run = RunDir(cfg.out_dir)
+    result = _run(score_stage, cfg, run)
+    from rich.console import Console
+
+    Console().print(rich_table(result))
+    typer.echo(f"wrote {run.report_dir / 'report.md'}")
+
+
 @config_app.command("show")
 def config_show(overrides: Overrides = None, config_dir: ConfigDir = None):
     """Print the resolved config YAML (after validation)."""

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, problem_for
+
 from magic_cli.replay import ReverseStates, root_boundaries
 from magic_cli.train import OUTPUT_FUNCTIONS
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, problem_for
+
 from magic_cli.train import TrainState, flatten_state
 
 

@@ -1,0 +1,51 @@
+"""LDS and friends as pure array functions (scipy for the statistics).
+
+For test example j and masks k = 1..m (True = kept):
+    predicted_k = - sum_{i dropped by k} scores[i, j]        (the linear prediction of the change)
+    actual_k    = f_j(mask_k) - f_j(1)                        (retraining minus the full run)
+LDS_j = Spearman(predicted, actual); also Pearson and the slope of actual on predicted (1 when
+the predictions are on the right scale). LDS = mean over test examples, with a bootstrap CI.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def predicted_change(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(m, J): -sum of the dropped examples' scores. scores (N, J), masks bool (m, N)."""
+    dropped = (~masks).astype(np.float64)
+    return -(dropped @ scores.astype(np.float64))
+
+
+def per_test_correlations(predicted: np.ndarray, actual: np.ndarray) -> dict[str, np.ndarray]:
+    """Spearman, Pearson and slope (actual on predicted) per column of (m, J) arrays."""
+    from scipy import stats
+
+    out = {"spearman": [], "pearson": [], "slope": []}
+    for j in range(predicted.shape[1]):
+        x, y = predicted[:, j], actual[:, j]
+        if np.ptp(x) == 0 or np.ptp(y) == 0:  # a constant series has no correlation
+            out["spearman"].append(np.nan)
+            out["pearson"].append(np.nan)
+            out["slope"].append(np.nan)
+            continue
+        out["spearman"].append(stats.spearmanr(x, y).statistic)
+        out["pearson"].append(stats.pearsonr(x, y).statistic)
+        out["slope"].append(stats.linregress(x, y).slope)
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
+def mean_with_ci(values: np.ndarray, seed: int = 0, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and a percentile-bootstrap CI over the finite values (scipy.stats.bootstrap)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan"), float("nan")
+    if len(values) == 1 or np.ptp(values) == 0:
+        return float(values.mean()), float(values.mean()), float(values.mean())
+    res = stats.bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=2000,
+                          method="percentile", rng=np.random.default_rng(seed))
+    return float(values.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)

@@ -1,0 +1,162 @@
+"""`magic score`: compare every attribution method's predictions with the retraining ground
+truth, and write the report (CSV, JSON, Markdown, plots; a rich table for the terminal).
+
+    report/lds.csv            method, drop, test_id, spearman, pearson, slope
+    report/summary.json       {"lds": {METHOD: {"<p>": {mean, ci_low, ci_high, n_test, pearson, slope}}},
+                               "seconds": {METHOD: attribution seconds}, ...}
+    report/report.md          the tables and the run's config summary
+    report/lds_vs_drop.png    mean LDS vs drop fraction, one line per method, CI bands
+    report/scatter_<method>_<p>.png   predicted vs actual change for a few test ids
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from magic_cli.metrics import mean_with_ci, per_test_correlations, predicted_change
+from magic_cli.run_dir import RunDir, StageError, load_json, load_npy, save_bytes, save_json, save_text
+
+SCATTER_IDS = 4  # test ids per scatter plot
+
+
+def score_stage(config, run: RunDir) -> dict:
+    """Compute LDS for every method x drop fraction with ground truth; write report/; return summary."""
+    import pandas as pd
+
+    run.require_trained(config)
+    output = config.attribute.output
+    methods = run.methods_present()
+    if not methods:
+        raise StageError(f"no attribution in {run.root}: run `magic attribute --test-ids 0:50` first")
+    drops = [p for p in config.ground_truth.drop_fractions if run.ground_truth_outputs(p, output).is_file()]
+    if not drops:
+        raise StageError(f"no complete ground truth in {run.root}: run `magic retrain-ground-truth` first")
+    base = load_npy(run.train_outputs(output))  # f_j(1): (n_test,)
+
+    rows, summary, scatter_data, seconds = [], {}, {}, {}
+    for method in methods:
+        side = load_json(run.scores_json(method))
+        if side.get("output") != output:
+            raise StageError(f"attribute/{method} scores the {side.get('output')} output but attribute.output="
+                             f"{output}; rerun `magic attribute` with attribute.output={output}")
+        scores, ids = load_npy(run.scores_npy(method)), list(side["test_ids"])
+        seconds[method] = side.get("seconds")
+        summary[method] = {}
+        for p in drops:
+            masks = load_npy(run.masks(p))
+            actual = load_npy(run.ground_truth_outputs(p, output))[:, ids] - base[ids]  # (m, J)
+            predicted = predicted_change(scores, masks)  # (m, J)
+            corr = per_test_correlations(predicted, actual)
+            for j, test_id in enumerate(ids):
+                rows.append({"method": method, "drop": p, "test_id": test_id,
+                             **{k: float(v[j]) for k, v in corr.items()}})
+            mean, low, high = mean_with_ci(corr["spearman"], seed=config.ground_truth.seed)
+            summary[method][f"{p:g}"] = {
+                "mean": mean, "ci_low": low, "ci_high": high,
+                "n_test": int(np.isfinite(corr["spearman"]).sum()), "n_subsets": int(masks.shape[0]),
+                "pearson": float(np.nanmean(corr["pearson"])), "slope": float(np.nanmedian(corr["slope"])),
+            }
+            scatter_data[(method, p)] = (predicted[:, :SCATTER_IDS], actual[:, :SCATTER_IDS], ids[:SCATTER_IDS])
+
+    table = pd.DataFrame(rows)
+    result = {"lds": summary, "seconds": seconds, "output": output, "drop_fractions": drops,
+              "methods": methods, "fingerprint": config.fingerprint(),
+              "test_accuracy": load_json(run.metrics_json)["test_accuracy"]}
+    out = run.report_dir
+    save_text(out / "lds.csv", table.to_csv(index=False))
+    save_json(out / "summary.json", result)
+    save_text(out / "report.md", _markdown(result, config))
+    save_bytes(out / "lds_vs_drop.png", _plot_lds(result))
+    for (method, p), (pred, act, sids) in scatter_data.items():
+        save_bytes(out / f"scatter_{method}_{p:g}.png", _plot_scatter(method, p, pred, act, sids))
+    return result
+
+
+def rich_table(result: dict):
+    """The terminal table: one row per method x drop fraction."""
+    from rich.table import Table
+
+    table = Table(title=f"LDS ({result['output']} output, Spearman over retrained subsets)")
+    for col in ("method", "drop", "mean LDS", "95% CI", "n test", "pearson", "slope", "seconds"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    for method, per_drop in result["lds"].items():
+        secs = result["seconds"].get(method)
+        for p, s in per_drop.items():
+            table.add_row(method, p, f"{s['mean']:.3f}", f"{s['ci_low']:.3f}-{s['ci_high']:.3f}",
+                          str(s["n_test"]), f"{s['pearson']:.3f}", f"{s['slope']:.3f}",
+                          f"{secs:.1f}" if secs is not None else "-")
+    return table
+
+
+def _markdown(result: dict, config) -> str:
+    lines = ["# magic report", "",
+             f"Run `{config.name}` (fingerprint `{result['fingerprint']}`): dataset `{config.dataset['name']}`, "
+             f"model `{config.model['name']}`, optimizer `{config.optimizer.name}` (lr {config.optimizer.lr}), "
+             f"{config.train.epochs} epochs of batch {config.train.batch_size}, dtype {config.dtype}, "
+             f"seed {config.seed}. Test accuracy {result['test_accuracy']:.4f}.", "",
+             f"Output: `{result['output']}`. LDS = Spearman correlation between predicted and actual change "
+             "of the output over retrainings with random subsets dropped, averaged over test examples "
+             "(95 % bootstrap CI). Slope: median regression slope of actual on predicted change.", "",
+             "| method | drop | mean LDS | 95 % CI | n test | subsets | Pearson | slope | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method, per_drop in result["lds"].items():
+        secs = result["seconds"].get(method)
+        for p, s in per_drop.items():
+            lines.append(f"| {method} | {p} | {s['mean']:.3f} | [{s['ci_low']:.3f}, {s['ci_high']:.3f}] | "
+                         f"{s['n_test']} | {s['n_subsets']} | {s['pearson']:.3f} | {s['slope']:.3f} | "
+                         f"{'-' if secs is None else f'{secs:.1f}'} |")
+    lines += ["", "![LDS vs drop fraction](lds_vs_drop.png)", ""]
+    return "\n".join(lines)
+
+
+def _figure_bytes(fig) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_lds(result: dict) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method, per_drop in result["lds"].items():
+        ps = [float(p) for p in per_drop]
+        mean = [s["mean"] for s in per_drop.values()]
+        ax.plot(ps, mean, marker="o", label=method)
+        ax.fill_between(ps, [s["ci_low"] for s in per_drop.values()], [s["ci_high"] for s in per_drop.values()],
+                        alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of training data dropped")
+    ax.set_ylabel("mean LDS (Spearman)")
+    ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _figure_bytes(fig)
+
+
+def _plot_scatter(method: str, p: float, predicted, actual, ids) -> bytes:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(ids), figsize=(3.2 * len(ids), 3.0), squeeze=False)
+    for ax, j, test_id in zip(axes[0], range(len(ids)), ids):
+        x, y = predicted[:, j], actual[:, j]
+        ax.scatter(x, y, s=8)
+        lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
+        ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8, ls="--")
+        ax.set_title(f"test {test_id}")
+        ax.set_xlabel("predicted change")
+    axes[0][0].set_ylabel("actual change")
+    fig.suptitle(f"{method}, drop {p:g}")
+    return _figure_bytes(fig)
