@@ -59,13 +59,6 @@ def output_cotangents(problem: Problem, state: TrainState, test_ids, output: str
     return TrainState(g_params, g_buffers, zeros(state.opt))
 
 
-def _all_finite(tree) -> bool:
-    import torch
-
-    leaves = torch.utils._pytree.tree_leaves(tree)
-    return bool(torch.isfinite(torch.stack([leaf.sum() for leaf in leaves])).all()) if leaves else True
-
-
 def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: str, k: int,
                  test_ids: list[int], output: str, progress=None, verify: bool = True):
     """scores (J, N) in the run's dtype for the test ids, and ReverseStats.
@@ -80,11 +73,13 @@ def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: st
     T = problem.total_steps
     start = time.perf_counter()
     states = ReverseStates(lambda s, t: problem.step(s, t), stored, T, strategy, k)
-    check_at = {**stored, T: final} if verify else {}
+    # Recomputed states are checked bitwise where `train` stored one: the final state, and for
+    # sqrt/replay every stored checkpoint (with `all` nothing else is recomputed).
+    check_at = ({T: final} if strategy == "all" else {**stored, T: final}) if verify else {}
     lam = output_cotangents(problem, final, test_ids, output)
     scores = torch.zeros(len(test_ids), problem.dataset.n_train, dtype=problem.dtype, device=problem.device)
     for done, (t, s_t) in enumerate(states):
-        s_next, lam, beta = reverse_step(problem, s_t, t, lam)
+        s_next, lam, beta = reverse_step(problem, s_t, t, lam, need_next=t + 1 in check_at)
         if t + 1 in check_at:
             expected = check_at[t + 1]
             expected = expected() if callable(expected) else expected
@@ -92,7 +87,8 @@ def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: st
                 raise NonDeterminismError(
                     f"training is not deterministic: the state after step {t + 1} recomputed in the "
                     f"reverse pass differs from the one `magic train` stored")
-        if not _all_finite((lam, beta)):
+        # A NaN/Inf anywhere in the adjoint reaches the weight cotangent beta of the same step.
+        if not bool(torch.isfinite(beta.sum())):
             raise NonFiniteAdjointError(
                 f"the adjoint became NaN/Inf at step {t}: increase optimizer.eps_root or lower "
                 f"optimizer.lr")
@@ -103,10 +99,11 @@ def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: st
     return scores, stats
 
 
-def reverse_step(problem: Problem, state: TrainState, t: int, lam: TrainState):
+def reverse_step(problem: Problem, state: TrainState, t: int, lam: TrainState, need_next: bool = True):
     """One step of the reverse pass at s_t for J cotangents lam (leading dim J) of s_{t+1}.
 
-    Returns (s_{t+1}, cotangents of s_t, beta (J, B) = cotangent of the batch weights). The
+    Returns (s_{t+1} or None unless need_next, cotangents of s_t, beta (J, B) = cotangent of
+    the batch weights). The
     step is split as train_step is: grads = grad_fn(params, buffers, w), then the optimizer
     update. The update's VJP is the optimizer's hand-derived `vjp`; the gradient's VJP is a
     backward-over-backward, with plain autograd for one cotangent and torch.func.vmap over
@@ -126,11 +123,14 @@ def reverse_step(problem: Problem, state: TrainState, t: int, lam: TrainState):
         (grads, new_buffers), fn = vjp(lambda p, b, w_: problem.grad_fn(p, b, batch.x, batch.y, w_),
                                        state.params, state.buffers, w)
         grad_vjp = vmap(fn)
-    new_params, new_opt = problem.optimizer.update(grads, state.opt, state.params, t)
+    s_next = None
+    if need_next:  # only to compare with a stored state: the reverse pass itself does not need it
+        new_params, new_opt = problem.optimizer.update(grads, state.opt, state.params, t)
+        s_next = TrainState(new_params, new_buffers, new_opt)
     ct_p, ct_opt, ct_g = problem.optimizer.vjp(grads, state.opt, state.params, t, lam.params, lam.opt)
     hvp_p, ct_buffers, beta = grad_vjp((ct_g, lam.buffers))
-    ct_params = {k: ct_p[k] + hvp_p[k] for k in ct_p}
-    return TrainState(new_params, new_buffers, new_opt), TrainState(ct_params, ct_buffers, ct_opt), beta
+    ct_params = {k: ct_p[k].add_(hvp_p[k]) for k in ct_p}  # in place: the reverse pass owns ct_p
+    return s_next, TrainState(ct_params, ct_buffers, ct_opt), beta
 
 
 def _grad_vjp_autograd(problem: Problem, state: TrainState, batch, w):

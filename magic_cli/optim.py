@@ -9,7 +9,8 @@ training step built on them can be differentiated through (torch.optim cannot):
 
 `vjp` is the hand-derived vector-Jacobian product of `update`: given cotangents of its
 outputs (with any number of leading batch dims, one per test example), it returns the
-cotangents of (params, opt_state, grads). The reverse pass spends much of its time here
+cotangents of (params, opt_state, grads). It consumes its cotangent arguments: they are
+updated in place (the reverse pass owns them and never reads them again). The reverse pass spends much of its time here
 with many test examples at once, so the per-element coefficients are computed once and
 the batched work is a few fused multiply-adds; tests check it against autograd.
 
@@ -135,13 +136,15 @@ def adam(lr: Callable[[int], float], betas: tuple, eps: float, eps_root: float,
             d = r + eps
             coef_mu = -lr(t) / (c1 * d)
             coef_nu = (lr(t) / (2.0 * c1 * c2)) * mu / (d * d * r)
+            coef_g = (2.0 * (1.0 - b2)) * g
+            # The batched (J, ...) work, in place on the incoming cotangents (consumed).
             pp = ct_params[k]
-            a = ct_state["mu"][k] + coef_mu * pp  # total cotangent of m'
-            b = ct_state["nu"][k] + coef_nu * pp  # total cotangent of v'
-            ct_p[k] = (1.0 - lr(t) * weight_decay) * pp if weight_decay else pp
-            ct_mu[k] = b1 * a
-            ct_nu[k] = b2 * b
-            ct_g[k] = (1.0 - b1) * a + (2.0 * (1.0 - b2)) * g * b
+            a = ct_state["mu"][k].addcmul_(coef_mu, pp)  # total cotangent of m'
+            b = ct_state["nu"][k].addcmul_(coef_nu, pp)  # total cotangent of v'
+            ct_g[k] = torch.addcmul(a * (1.0 - b1), coef_g, b)
+            ct_mu[k] = a.mul_(b1)
+            ct_nu[k] = b.mul_(b2)
+            ct_p[k] = pp.mul_(1.0 - lr(t) * weight_decay) if weight_decay else pp
         return ct_p, {"mu": ct_mu, "nu": ct_nu}, ct_g
 
     return Optimizer(init, update, vjp)

@@ -148,7 +148,7 @@ def test_attribute_before_train_and_with_other_config(cli, tmp_path):
     assert code == 2 and "run `magic train`" in err
     cli("train", *TINY, f"out_dir={tmp_path}")
     code, _, err = cli("attribute", "--test-ids", "0", *TINY, f"out_dir={tmp_path}", "optimizer.lr=0.01")
-    assert code == 2 and "optimizer.lr: 0.0015 -> 0.01" in err
+    assert code == 2 and "optimizer.lr: 0.001 -> 0.01" in err
 
 
 def test_nan_adjoint_is_reported_with_its_step(cli, tmp_path):
