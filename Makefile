@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $(STAMP)
 
+METHODS := magic grad-dot tracin trak ekfac
+
 demo: install  ## the whole pipeline on the embedded default (digits MLP): train -> attribute -> ground truth -> LDS
 	$(BIN)/magic train
-	$(BIN)/magic attribute --test-ids 0:50
+	set -e; for m in $(METHODS); do $(BIN)/magic attribute --test-ids 0:50 --method $$m; done
 	$(BIN)/magic retrain-ground-truth --workers $(WORKERS)
 	$(BIN)/magic score
 	@echo "report: runs/default/report/report.md"

@@ -110,17 +110,22 @@ def attribute(
         "--test-ids", help="Test examples to attribute: 3 | 0,5,9 | 0:50 | 0:50:5 (slice) | @file (one id per line).",
         show_default=False)],
     overrides: Overrides = None, config_dir: ConfigDir = None, overwrite: Overwrite = False,
+    method: Annotated[Optional[str], typer.Option(
+        "--method", help="magic (exact, default) | grad-dot | tracin | trak | ekfac; same as attribute.method=.",
+        show_default=False)] = None,
 ):
-    """Exact MAGIC scores d f_j / d w_i for the test ids: the reverse pass through the whole training run."""
-    from magic_cli.metagrad import attribute_stage
+    """Scores d f_j / d w_i for the test ids: exact MAGIC (the reverse pass through training) or a baseline."""
+    from magic_cli.attribute import attribute_stage
     from magic_cli.progress import rich_progress
     from magic_cli.run_dir import RunDir
 
-    cfg = _load(overrides, config_dir)
+    cfg = _load(list(overrides or []) + ([f"attribute.method={method}"] if method else []), config_dir)
     run = RunDir(cfg.out_dir)
     side = _run(attribute_stage, cfg, run, test_ids, overwrite=overwrite, progress_factory=rich_progress)
-    _console().print(f"{len(side['test_ids'])} test ids ({side['ids_computed']} computed) in {side['seconds']:.2f}s, "
-                     f"peak {side['peak_states']} states, checkpoint={side['checkpoint']['name']}")
+    extra = f", peak {side['peak_states']} states, checkpoint={side['checkpoint']['name']}" \
+        if side["method"] == "magic" else ""
+    _console().print(f"{side['method']}: {len(side['test_ids'])} test ids ({side['ids_computed']} computed) in "
+                     f"{side['seconds']:.2f}s{extra}")
     typer.echo(f"wrote {run.scores_npy(side['method'])} {tuple(side['shape'])}")
 
 

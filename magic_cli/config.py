@@ -109,14 +109,40 @@ class CheckpointConfig:
         _check(self.k >= 2, f"checkpoint.k must be >= 2, got {self.k}")
 
 
+METHODS = ("magic", "grad-dot", "tracin", "trak", "ekfac")
+
+
+@dataclass(frozen=True)
+class TrakConfig:
+    proj_dim: int = 1024  # random projection dimension k
+    damping: float = 0.1  # lambda relative to the mean diagonal of Phi^T Phi
+    checkpoints: int = 1  # ensemble over the last K epoch states (1 = final model only)
+
+    def __post_init__(self):
+        _check(self.proj_dim >= 1, f"attribute.trak.proj_dim must be >= 1, got {self.proj_dim}")
+        _check(self.damping >= 0, f"attribute.trak.damping must be >= 0, got {self.damping}")
+        _check(self.checkpoints >= 1, f"attribute.trak.checkpoints must be >= 1, got {self.checkpoints}")
+
+
+@dataclass(frozen=True)
+class EkfacConfig:
+    damping: float = 0.1  # lambda added to the eigenvalues
+    relative_damping: bool = True  # lambda = damping * mean eigenvalue of each layer
+
+    def __post_init__(self):
+        _check(self.damping >= 0, f"attribute.ekfac.damping must be >= 0, got {self.damping}")
+
+
 @dataclass(frozen=True)
 class AttributeConfig:
     method: str = "magic"
     output: str = "loss"  # loss | margin
     batch_size: int = 64  # test ids per reverse pass
+    trak: TrakConfig = field(default_factory=TrakConfig)
+    ekfac: EkfacConfig = field(default_factory=EkfacConfig)
 
     def __post_init__(self):
-        _choice("attribute.method", self.method, ("magic",))
+        _choice("attribute.method", self.method, METHODS)
         _choice("attribute.output", self.output, OUTPUTS)
         _check(self.batch_size >= 1, f"attribute.batch_size must be >= 1, got {self.batch_size}")
 

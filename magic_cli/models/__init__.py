@@ -4,11 +4,12 @@ A model is two functions over explicit tensor dicts, so a training step never mu
 anything and can be differentiated with respect to its whole state:
 
     init(generator)                        -> (params, buffers)    float64, CPU
-    apply(params, buffers, x, train: bool) -> (outputs, new_buffers)
+    apply(params, buffers, x, train: bool, taps=None) -> (outputs, new_buffers)
 
 `outputs` are logits (B, n_classes). `buffers` (e.g. BatchNorm running statistics) are
 returned updated in train mode and unchanged in eval mode. A builder takes the input
-shape and number of classes, and its config options as keyword-only arguments.
+shape and number of classes, and its config options as keyword-only arguments. `taps`
+(layers.Taps) exposes the inputs and output gradients of linear layers for EK-FAC.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shared pieces of the pure models: initialisers and activations."""
+"""Shared pieces of the pure models: initialisers, activations, linear layers with taps."""
 
 from __future__ import annotations
 
@@ -27,3 +27,27 @@ def activation(name: str) -> Callable:
         raise ValueError(f"model.activation={name!r} is not valid; choose one of: {', '.join(table)}")
     return table[name]
 
+
+
+def linear(h, params: dict, name: str, taps=None):
+    """F.linear with the parameters `name.weight`, `name.bias`. With `taps` (a Taps), records the
+    layer's input and adds a zero offset to its output whose gradient is the pre-activation
+    gradient: the two factors K-FAC needs (baselines.py)."""
+    import torch.nn.functional as F
+
+    out = F.linear(h, params[f"{name}.weight"], params.get(f"{name}.bias"))
+    if taps is not None:
+        out = taps.tap(name, h, out)
+    return out
+
+
+class Taps:
+    """Records each linear layer's input and offsets its output by a given zero tensor."""
+
+    def __init__(self, offsets: dict | None = None):
+        self.inputs: dict = {}
+        self.offsets = offsets or {}
+
+    def tap(self, name: str, h, out):
+        self.inputs[name] = h
+        return out + self.offsets[name] if name in self.offsets else out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from magic_cli.models.layers import activation, linear_init
+from magic_cli.models.layers import activation, linear, linear_init
 
 
 @dataclass(frozen=True)
@@ -21,14 +21,12 @@ class MLP:
             linear_init(params, f"fc{i}", fan_in, fan_out, gen)
         return params, {}
 
-    def apply(self, params, buffers, x, train: bool):
-        import torch.nn.functional as F
-
+    def apply(self, params, buffers, x, train: bool, taps=None):
         act = activation(self.act)
         h = x.flatten(1)  # (B, in_features)
         n_layers = len(self.sizes) - 1
         for i in range(n_layers):
-            h = F.linear(h, params[f"fc{i}.weight"], params[f"fc{i}.bias"])
+            h = linear(h, params, f"fc{i}", taps)
             if i < n_layers - 1:
                 h = act(h)
         return h, buffers  # (B, n_classes)

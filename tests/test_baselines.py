@@ -1,0 +1,135 @@
+"""Baselines against independent computations: explicit per-example gradients and dot
+products, and exact-Hessian influence where K-FAC is exact."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, problem_for
+
+from magic_cli import baselines
+from magic_cli.optim import lr_factor
+from magic_cli.train import OUTPUT_FUNCTIONS, TrainState
+
+IDS = [1, 4]
+
+
+def _grad(problem, state, x, y, fn):
+    """One explicit gradient by plain autograd, flattened (P,)."""
+    params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
+    logits, _ = problem.model.apply(params, state.buffers, x[None], train=False)
+    grads = torch.autograd.grad(fn(logits, y[None]).sum(), list(params.values()))
+    return torch.cat([g.flatten() for g in grads]).double()
+
+
+def _attribute(cli, tmp_path, method, *overrides):
+    args = [*TINY, f"out_dir={tmp_path}", *overrides]
+    assert cli("train", *args)[0] == 0
+    code, _, err = cli("attribute", "--test-ids", ",".join(map(str, IDS)), "--method", method, *args)
+    assert code == 0, err
+    side = json.loads((tmp_path / "attribute" / method / "scores.json").read_text())
+    assert side["method"] == method and side["sign"] == "d output / d weight" and side["seconds"] > 0
+    return np.load(tmp_path / "attribute" / method / "scores.npy"), problem_for(args)
+
+
+def _final(problem):
+    return problem.run()[0]
+
+
+@pytest.mark.parametrize("output", ["loss", "margin"])
+def test_grad_dot_matches_explicit_dot_products(cli, tmp_path, output):
+    scores, problem = _attribute(cli, tmp_path, "grad-dot", f"attribute.output={output}")
+    final, ds = _final(problem), problem.dataset
+    eta_over_b = problem.config.optimizer.lr / problem.config.train.batch_size
+    for i in (0, 7, 99):
+        g_i = _grad(problem, final, ds.x_train[i], ds.y_train[i], OUTPUT_FUNCTIONS["loss"])
+        for j, test_id in enumerate(IDS):
+            g_j = _grad(problem, final, ds.x_test[test_id], ds.y_test[test_id], OUTPUT_FUNCTIONS[output])
+            assert scores[i, j] == pytest.approx(-eta_over_b * float(g_i @ g_j), rel=1e-9, abs=1e-15)
+
+
+def test_tracin_sums_over_epoch_checkpoints(cli, tmp_path):
+    scores, problem = _attribute(cli, tmp_path, "tracin")
+    ds, cfg = problem.dataset, problem.config
+    spe = problem.total_steps // cfg.train.epochs
+    _, kept, _ = problem.run(keep=set(range(0, problem.total_steps, spe)))
+    for i in (3, 50):
+        want = np.zeros(len(IDS))
+        for start in range(0, problem.total_steps, spe):
+            lr = cfg.optimizer.lr * np.mean([lr_factor(cfg.optimizer.schedule, t, problem.total_steps)
+                                             for t in range(start, start + spe)])
+            g_i = _grad(problem, kept[start], ds.x_train[i], ds.y_train[i], OUTPUT_FUNCTIONS["loss"])
+            for j, test_id in enumerate(IDS):
+                g_j = _grad(problem, kept[start], ds.x_test[test_id], ds.y_test[test_id], OUTPUT_FUNCTIONS["loss"])
+                want[j] -= lr / cfg.train.batch_size * float(g_i @ g_j)
+        np.testing.assert_allclose(scores[i], want, rtol=1e-9)
+
+
+def test_trak_matches_its_formula_computed_explicitly(cli, tmp_path):
+    scores, problem = _attribute(cli, tmp_path, "trak", "attribute.trak.proj_dim=32", "attribute.output=margin")
+    final, ds = _final(problem), problem.dataset
+    projection = baselines.trak_projection(final.params, 32, problem.config.seed, 0)
+    p_flat = torch.cat([projection[k] for k in final.params])  # (P, k), parameters in order
+    margin = OUTPUT_FUNCTIONS["margin"]
+    phi = torch.stack([_grad(problem, final, ds.x_train[i], ds.y_train[i], margin) for i in range(ds.n_train)]) @ p_flat
+    phi_test = torch.stack([_grad(problem, final, ds.x_test[j], ds.y_test[j], margin) for j in IDS]) @ p_flat
+    kernel = phi.T @ phi
+    kernel += 0.1 * kernel.diagonal().mean() * torch.eye(32, dtype=torch.float64)
+    with torch.no_grad():
+        logits, _ = problem.model.apply(final.params, final.buffers, ds.x_train, train=False)
+    q = 1 - torch.softmax(logits.double(), -1)[torch.arange(ds.n_train), ds.y_train]
+    want = (phi @ torch.linalg.inv(kernel) @ phi_test.T) * q[:, None]
+    np.testing.assert_allclose(scores, want.numpy(), rtol=1e-7, atol=1e-10 * float(want.abs().max()))
+
+
+def test_ekfac_equals_exact_hessian_influence_where_kfac_is_exact():
+    """Logistic regression at zero weights: every example predicts the uniform distribution, so the
+    Gauss-Newton Hessian (= the Hessian, the model being linear) is exactly A (x) G."""
+    problem = problem_for([o for o in TINY if not o.startswith("model.hidden")] + ["model=logreg"])
+    state = problem.init_state()
+    state = TrainState({k: torch.zeros_like(v) for k, v in state.params.items()}, state.buffers, state.opt)
+    ds, n, damping = problem.dataset, problem.dataset.n_train, 1e-3
+    got = baselines.ekfac(problem, state, IDS, "loss", {"damping": damping, "relative_damping": False})
+
+    shapes = {k: v.shape for k, v in state.params.items()}
+    sizes = [v.numel() for v in state.params.values()]
+
+    def unflat(theta):
+        return {k: t.view(shapes[k]) for k, t in zip(shapes, torch.split(theta, sizes))}
+
+    def mean_loss(theta):
+        logits, _ = problem.model.apply(unflat(theta), {}, ds.x_train, train=False)
+        return OUTPUT_FUNCTIONS["loss"](logits, ds.y_train).mean()
+
+    theta = torch.cat([v.flatten() for v in state.params.values()])
+    hessian = torch.func.hessian(mean_loss)(theta)
+    inverse = torch.linalg.inv(hessian + damping * torch.eye(len(theta), dtype=theta.dtype))
+    loss = OUTPUT_FUNCTIONS["loss"]
+    for i in (0, 9, 77):
+        g_i = _grad(problem, state, ds.x_train[i], ds.y_train[i], loss)
+        for j, test_id in enumerate(IDS):
+            g_j = _grad(problem, state, ds.x_test[test_id], ds.y_test[test_id], loss)
+            want = -float(g_j @ inverse @ g_i) / n
+            assert float(got[i, j]) == pytest.approx(want, rel=1e-8)
+
+
+def test_ekfac_refuses_parameters_outside_linear_layers():
+    with pytest.raises(ValueError, match="linear layers"):
+        baselines._linear_layers({"conv.weight": torch.zeros(2, 2, 3, 3)})
+
+
+def test_score_compares_all_methods_side_by_side(cli, tmp_path):
+    args = [*TINY, f"out_dir={tmp_path}", "ground_truth.drop_fractions=[0.1]", "ground_truth.num_subsets=8"]
+    assert cli("train", *args)[0] == 0
+    for method in ("magic", "grad-dot", "tracin", "trak", "ekfac"):
+        assert cli("attribute", "--test-ids", "0:4", "--method", method, *args)[0] == 0
+    assert cli("retrain-ground-truth", *args)[0] == 0
+    code, out, err = cli("score", *args)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert sorted(summary["lds"]) == ["ekfac", "grad-dot", "magic", "tracin", "trak"]
+    assert all(summary["seconds"][m] > 0 for m in summary["lds"])
+    assert summary["lds"]["magic"]["0.1"]["mean"] > 0.9
