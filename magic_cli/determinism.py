@@ -37,7 +37,7 @@ def enable_determinism(device: str = "cpu", threads: int = 1) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     torch.set_num_threads(threads)
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but CUDA is not available; use device=cpu")
+        raise ValueError("device=cuda was asked for but CUDA is not available on this machine; use device=cpu")
     return {
         "use_deterministic_algorithms": True,
         "cudnn_benchmark": False,

@@ -77,7 +77,7 @@ def rich_table(result: dict):
     from rich.table import Table
 
     table = Table(title=f"LDS ({result['output']} output, Spearman over retrained subsets)")
-    for col in ("method", "drop", "mean LDS", "95% CI", "n test", "pearson", "slope", "seconds"):
+    for col in ("method", "drop", "LDS", "95% CI", "n", "pearson", "slope", "sec"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for method, per_drop in result["lds"].items():
         secs = result["seconds"].get(method)

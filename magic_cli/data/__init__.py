@@ -11,12 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from magic_cli.data.cifar import cifar10
 from magic_cli.data.tabular import breast_cancer, digits, wine
+from magic_cli.data.text import text_chars
 
 
 @dataclass
 class Dataset:
-    """Tensors of one dataset. x_*: (N, *input_shape) float; y_*: (N,) long class ids."""
+    """Tensors of one dataset. x_*: (N, *input_shape) float features or images, or (N, L) long
+    token ids; y_*: (N,) long class ids, or (N, L) next-token ids."""
 
     name: str
     x_train: "object"
@@ -44,6 +47,8 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": digits,
     "breast_cancer": breast_cancer,
     "wine": wine,
+    "cifar10": cifar10,
+    "text_chars": text_chars,
 }
 
 

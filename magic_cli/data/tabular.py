@@ -26,12 +26,21 @@ def _split_standardise(name: str, x, y, seed: int, test_fraction: float):
                    y_test=as_y(test), n_classes=int(y.max()) + 1)
 
 
-def digits(seed: int, *, test_fraction: float = 0.2):
-    """1797 handwritten digits, 8x8 pixels flattened to 64 features, 10 classes."""
+def digits(seed: int, *, test_fraction: float = 0.2, images: bool = False, flip: bool = False, translate: int = 0):
+    """1797 handwritten digits, 8x8 pixels as 64 features, or as (1, 8, 8) images with optional
+    augmentation (flip, translate by up to `translate` pixels) for the CNNs."""
     from sklearn.datasets import load_digits
 
+    from magic_cli.data.augment import flip_translate
+
     d = load_digits()
-    return _split_standardise("digits", d.data.astype("float64"), d.target, seed, test_fraction)
+    ds = _split_standardise("digits", d.data.astype("float64"), d.target, seed, test_fraction)
+    if images:
+        ds.x_train, ds.x_test = ds.x_train.view(-1, 1, 8, 8), ds.x_test.view(-1, 1, 8, 8)
+        ds.augment = flip_translate(flip, translate)
+    elif flip or translate:
+        raise ValueError("dataset.flip / dataset.translate need dataset.images=true")
+    return ds
 
 
 def breast_cancer(seed: int, *, test_fraction: float = 0.2):

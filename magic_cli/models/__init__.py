@@ -16,11 +16,16 @@ from __future__ import annotations
 
 from typing import Callable
 
+from magic_cli.models.cnn import cnn_small, resnet9
 from magic_cli.models.mlp import logreg, mlp
+from magic_cli.models.transformer import transformer
 
 MODELS: dict[str, Callable] = {
     "mlp": mlp,
     "logreg": logreg,
+    "cnn_small": cnn_small,
+    "resnet9": resnet9,
+    "transformer": transformer,
 }
 
 

@@ -51,3 +51,58 @@ class Taps:
     def tap(self, name: str, h, out):
         self.inputs[name] = h
         return out + self.offsets[name] if name in self.offsets else out
+
+
+def conv_init(params: dict, name: str, c_in: int, c_out: int, k: int, gen) -> None:
+    """Conv weight (c_out, c_in, k, k), U(+-1/sqrt(fan_in)) as torch.nn.Conv2d; no bias (BatchNorm follows)."""
+    params[f"{name}.weight"] = uniform_((c_out, c_in, k, k), 1.0 / math.sqrt(c_in * k * k), gen)
+
+
+def batch_norm_init(params: dict, buffers: dict, name: str, channels: int) -> None:
+    import torch
+
+    params[f"{name}.weight"] = torch.ones(channels, dtype=torch.float64)
+    params[f"{name}.bias"] = torch.zeros(channels, dtype=torch.float64)
+    buffers[f"{name}.running_mean"] = torch.zeros(channels, dtype=torch.float64)
+    buffers[f"{name}.running_var"] = torch.ones(channels, dtype=torch.float64)
+
+
+def batch_norm(x, params: dict, buffers: dict, new_buffers: dict, name: str, train: bool,
+               momentum: float = 0.1, eps: float = 1e-5):
+    """Pure BatchNorm over all dims but 1 (as torch.nn.BatchNorm1d/2d).
+
+    Train mode normalises with the batch statistics and writes the updated running statistics
+    into `new_buffers` (not detached: they are part of the differentiated training state);
+    eval mode uses the running statistics.
+    """
+    import torch
+
+    dims = [d for d in range(x.dim()) if d != 1]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    rm, rv = buffers[f"{name}.running_mean"], buffers[f"{name}.running_var"]
+    if train:
+        mean = x.mean(dims)
+        var = x.var(dims, unbiased=False)
+        n = x.numel() // x.shape[1]
+        new_buffers[f"{name}.running_mean"] = (1 - momentum) * rm + momentum * mean
+        new_buffers[f"{name}.running_var"] = (1 - momentum) * rv + momentum * var * (n / max(n - 1, 1))
+    else:
+        mean, var = rm, rv
+        new_buffers[f"{name}.running_mean"], new_buffers[f"{name}.running_var"] = rm, rv
+    x = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+    return x * params[f"{name}.weight"].view(shape) + params[f"{name}.bias"].view(shape)
+
+
+def pool_all(x, kind: str):
+    """Global pooling of (B, C, H, W) -> (B, C): avg | lse (smooth max: log-mean-exp) | max."""
+    import math as _math
+
+    import torch
+
+    if kind == "avg":
+        return x.mean((2, 3))
+    if kind == "lse":
+        return torch.logsumexp(x.flatten(2), dim=2) - _math.log(x.shape[2] * x.shape[3])
+    if kind == "max":
+        return x.amax((2, 3))
+    raise ValueError(f"model.pool={kind!r} is not valid; choose one of: avg, lse, max")
