@@ -8,8 +8,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from conftest import problem_for
+
 from magic_cli.train import OUTPUT_FUNCTIONS
 
 CNN = ["dataset=digits_images", "model=cnn_small", "model.channels=[3,4]", "train.epochs=1", "train.batch_size=64",

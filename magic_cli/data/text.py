@@ -10,9 +10,10 @@ ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"  # 
 
 def text_chars(seed: int, *, context: int = 32, n_train: int = 1000, n_test: int = 200):
     """Non-overlapping chunks of context+1 characters, shuffled by the seed into train and test."""
+    from pydoc_data.topics import topics
+
     import numpy as np
     import torch
-    from pydoc_data.topics import topics
 
     from magic_cli.data import Dataset
     from magic_cli.determinism import derive_seed

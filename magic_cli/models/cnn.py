@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from magic_cli.models.layers import (activation, batch_norm, batch_norm_init, conv_init, linear, linear_init,
-                                     pool_all)
+from magic_cli.models.layers import activation, batch_norm, batch_norm_init, conv_init, linear, linear_init, pool_all
 
 
 def _conv_bn_act(x, params, buffers, new_buffers, name, train, act, pool: bool = False):
