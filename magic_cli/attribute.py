@@ -26,16 +26,25 @@ def attribute_stage(config, run, test_ids_spec: str, overwrite: bool = False, pr
     from magic_cli.determinism import enable_determinism
     from magic_cli.metagrad import ReverseStats, load_final_and_stored, reverse_pass
     from magic_cli.progress import no_progress
-    from magic_cli.run_dir import load_npy, save_json, save_npy
+    from magic_cli.run_dir import StageError, load_json, load_npy, save_json, save_npy
 
-    if config.dtype not in ("float32", "float64"):
-        raise ValueError(f"attribution needs dtype float32 or float64, not {config.dtype}: half precision "
-                         "gives meaningless metagradients")
+    # config.py admits only float32/float64: half precision gives meaningless metagradients.
     enable_determinism(config.device, config.threads)
     record = run.require_trained(config)
     problem = Problem.build(config)
     ids = parse_test_ids(test_ids_spec, problem.dataset.n_test)
     method, output = config.attribute.method, config.attribute.output
+    options = {"trak": config.attribute.trak, "ekfac": config.attribute.ekfac}.get(method)
+    options = dataclasses.asdict(options) if options else {}
+    # The per-id files are valid only for the settings that produced them.
+    settings = {"output": output, "options": options, "fingerprint": record["fingerprint"]}
+    if run.attribute_settings(method).is_file() and load_json(run.attribute_settings(method)) != settings:
+        if not overwrite:
+            raise StageError(f"{run.attribute_dir(method)} holds scores computed with other settings "
+                             f"({load_json(run.attribute_settings(method))}); pass --overwrite to recompute")
+        for path in run.attribute_dir(method).glob("test_*.npy"):
+            path.unlink()
+    save_json(run.attribute_settings(method), settings)
     todo = [i for i in ids if overwrite or not run.test_scores(method, i).is_file()]
     stats = ReverseStats(steps=problem.total_steps)
     if todo:
@@ -53,8 +62,6 @@ def attribute_stage(config, run, test_ids_spec: str, overwrite: bool = False, pr
                 seconds = st.seconds
                 scores = scores.cpu().numpy()
             else:
-                options = {"trak": config.attribute.trak, "ekfac": config.attribute.ekfac}.get(method)
-                options = dataclasses.asdict(options) if options else {}
                 begin = time.perf_counter()
                 scores = BASELINES[method](problem, final, chunk, output, options).T.to(problem.dtype).cpu().numpy()
                 seconds = time.perf_counter() - begin
@@ -66,6 +73,7 @@ def attribute_stage(config, run, test_ids_spec: str, overwrite: bool = False, pr
         "method": method,
         "test_ids": ids,
         "output": output,
+        "options": options,
         "sign": "d output / d weight",
         "checkpoint": {"name": config.checkpoint.name, "k": config.checkpoint.k},
         "fingerprint": record["fingerprint"],

@@ -134,6 +134,9 @@ def trak(problem: Problem, final: TrainState, test_ids, output: str, options: di
     ids = torch.as_tensor(test_ids, device=problem.device)
     n_models = int(options.get("checkpoints", 1))
     proj_dim, damping = int(options.get("proj_dim", 1024)), float(options.get("damping", 0.1))
+    if n_models > problem.config.train.epochs + 1:
+        raise ValueError(f"attribute.trak.checkpoints={n_models} exceeds the {problem.config.train.epochs + 1} "
+                         "epoch states of this run")
     if n_models == 1:
         states = [final]
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,7 +188,8 @@ class Config:
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
         _check(self.threads >= 1, f"threads must be >= 1, got {self.threads}")
-        _check(bool(self.name) and "/" not in self.name, f"name must be a non-empty word, got {self.name!r}")
+        _check(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.name or "") is not None and ".." not in self.name,
+               f"name must be a word of letters, digits, _ . - (it names the run folder), got {self.name!r}")
         _check_registry_options("dataset", self.dataset, DATASETS)
         _check_registry_options("model", self.model, MODELS)
 
@@ -305,7 +307,6 @@ def _one_line_hydra_error(e: Exception, overrides: list[str]) -> str:
         group = str(e.missing_cfg_file).split("/")[0] if e.missing_cfg_file else "group"
         bad = next((o for o in overrides if o.lstrip("+~").split("=")[0] == group), group)
         return f"{bad}: no such option; choose one of: {', '.join(sorted(e.options))}"
-    import re
 
     text = " ".join(str(e).split())
     m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)

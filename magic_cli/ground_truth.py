@@ -107,12 +107,17 @@ def ground_truth_stage(config, run, shard: str | None = None, workers: int = 1, 
 
     todo = []
     for p in gt.drop_fractions:
+        if round(p * n_train) == 0:
+            raise ValueError(f"ground_truth.drop_fractions: {p:g} of {n_train} training examples drops none")
         masks = make_masks(n_train, p, gt.num_subsets, gt.seed)
         if run.masks(p).is_file():
-            if not np.array_equal(load_npy(run.masks(p)), masks):
-                raise ValueError(f"{run.masks(p)} holds other masks (ground_truth.seed or num_subsets "
-                                 "changed?); delete that folder or restore the settings")
-        else:
+            # Masks are a pure function of (seed, p, k): a changed num_subsets keeps the common prefix.
+            old = load_npy(run.masks(p))
+            common = min(len(old), len(masks))
+            if old.shape[1:] != masks.shape[1:] or not np.array_equal(old[:common], masks[:common]):
+                raise ValueError(f"{run.masks(p)} holds other masks (ground_truth.seed changed?); delete that "
+                                 "folder or restore the setting")
+        if not run.masks(p).is_file() or len(old) != len(masks):
             save_npy(run.masks(p), masks)
         todo += [Task(p, k) for k in range(gt.num_subsets)
                  if k % count == index and not run.subset(p, k).is_file()]

@@ -16,12 +16,11 @@ def git_sha() -> str | None:
         return None
 
 
-def run_meta(config) -> dict:
+def run_meta(config, determinism: dict) -> dict:
     import numpy
     import torch
 
     import magic_cli
-    from magic_cli.determinism import enable_determinism
 
     return {
         "magic_version": magic_cli.__version__,
@@ -31,7 +30,7 @@ def run_meta(config) -> dict:
         "platform": platform.platform(),
         "device": config.device,
         "cuda_device": torch.cuda.get_device_name() if config.device == "cuda" else None,
-        "determinism": enable_determinism(config.device, config.threads),
+        "determinism": determinism,
         "git_sha": git_sha(),
         "fingerprint": config.fingerprint(),
     }

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from magic_cli.train import OUTPUT_FUNCTIONS, Problem, TrainState, load_checkpoints, unflatten_state
+from magic_cli.train import OUTPUT_FUNCTIONS, Problem, TrainState, load_checkpoints, states_equal, unflatten_state
 
 
 class NonDeterminismError(RuntimeError):
@@ -83,14 +83,15 @@ def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: st
         if t + 1 in check_at:
             expected = check_at[t + 1]
             expected = expected() if callable(expected) else expected
-            if not _states_equal(s_next, expected):
+            if not states_equal(s_next, expected):
                 raise NonDeterminismError(
                     f"training is not deterministic: the state after step {t + 1} recomputed in the "
                     f"reverse pass differs from the one `magic train` stored")
-        # A NaN/Inf anywhere in the adjoint reaches the weight cotangent beta of the same step.
+        # A NaN/Inf in the adjoint reaches the weight cotangents beta within a step or two; checking
+        # beta (J, B) is cheap, where checking every leaf of the state would cost a pass per step.
         if not bool(torch.isfinite(beta.sum())):
             raise NonFiniteAdjointError(
-                f"the adjoint became NaN/Inf at step {t}: increase optimizer.eps_root or lower "
+                f"the adjoint became NaN/Inf around step {t}: increase optimizer.eps_root or lower "
                 f"optimizer.lr")
         scores[:, problem.schedule[t].to(problem.device)] += beta
         if progress is not None:
@@ -155,12 +156,6 @@ def _grad_vjp_autograd(problem: Problem, state: TrainState, batch, w):
 
     detach = lambda d: {k: v.detach() for k, v in d.items()}  # noqa: E731
     return detach(grads), detach(new_buffers), grad_vjp
-
-
-def _states_equal(a: TrainState, b: TrainState) -> bool:
-    from magic_cli.train import states_equal
-
-    return states_equal(a, b)
 
 
 def load_final_and_stored(problem: Problem, run) -> tuple[TrainState, dict]:

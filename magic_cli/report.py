@@ -36,6 +36,9 @@ def score_stage(config, run: RunDir) -> dict:
     rows, summary, scatter_data, seconds = [], {}, {}, {}
     for method in methods:
         side = load_json(run.scores_json(method))
+        if side.get("fingerprint") != config.fingerprint():
+            raise StageError(f"attribute/{method} was computed for another training run; rerun `magic attribute "
+                             f"--method {method} --overwrite`")
         if side.get("output") != output:
             raise StageError(f"attribute/{method} scores the {side.get('output')} output but attribute.output="
                              f"{output}; rerun `magic attribute` with attribute.output={output}")

@@ -2,7 +2,7 @@
 
     config.yaml overrides.txt meta.json
     train/        fingerprint.json metrics.json checkpoints.pt final.pt outputs_{loss,margin}.npy
-    attribute/<method>/  test_<id>.npy  scores.npy  scores.json
+    attribute/<method>/  settings.json  test_<id>.npy  scores.npy  scores.json
     ground_truth/drop_<p>/  masks.npy  subset_<k>.npz  outputs_{loss,margin}.npy
     report/       lds.csv summary.json report.md lds_vs_drop.png scatter_<method>_<p>.png
 
@@ -150,6 +150,9 @@ class RunDir:
 
     def test_scores(self, method: str, test_id: int) -> Path:
         return self.attribute_dir(method) / f"test_{test_id}.npy"
+
+    def attribute_settings(self, method: str) -> Path:
+        return self.attribute_dir(method) / "settings.json"
 
     def scores_npy(self, method: str) -> Path:
         return self.attribute_dir(method) / "scores.npy"

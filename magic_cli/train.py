@@ -123,8 +123,9 @@ class Problem:
             weights = torch.ones(ds.n_train, dtype=dtype, device=device)
         else:
             w = np.load(tc.data_weights, allow_pickle=False)
-            if w.shape != (ds.n_train,):
-                raise ValueError(f"train.data_weights must hold {ds.n_train} weights, got shape {w.shape}")
+            if not isinstance(w, np.ndarray) or w.shape != (ds.n_train,):
+                raise ValueError(f"train.data_weights must be a .npy of {ds.n_train} weights, got "
+                                 f"{getattr(w, 'shape', 'an .npz archive')}")
             weights = torch.as_tensor(w, dtype=dtype, device=device)
         grad_fn = make_grad_fn(model, tc.batch_size, tc.loss_reduction)
         step = make_train_step(grad_fn, optimizer)
@@ -169,22 +170,24 @@ class Problem:
             kept[self.total_steps] = state
         return state, kept, seconds
 
-    def outputs(self, state: TrainState, x=None, y=None) -> dict:
-        """Each test example's loss and margin under `state` in eval mode: float64 numpy (n_test,)."""
+    def outputs(self, state: TrainState, x=None, y=None, chunk: int = 1024) -> dict:
+        """Each example's loss, margin and correctness under `state` in eval mode (test split by
+        default): float64 numpy (n,), computed in chunks of `chunk` examples."""
+        import numpy as np
         import torch
 
         x = self.dataset.x_test if x is None else x
         y = self.dataset.y_test if y is None else y
+        parts = {"loss": [], "margin": [], "correct": []}
         with torch.no_grad():
-            logits, _ = self.model.apply(state.params, state.buffers, x, train=False)
-            return {name: fn(logits, y).double().cpu().numpy() for name, fn in OUTPUT_FUNCTIONS.items()}
-
-    def accuracy(self, state: TrainState, x, y) -> float:
-        import torch
-
-        with torch.no_grad():
-            logits, _ = self.model.apply(state.params, state.buffers, x, train=False)
-            return float((logits.argmax(-1) == y).double().mean())
+            for start in range(0, x.shape[0], chunk):
+                xs, ys = x[start:start + chunk], y[start:start + chunk]
+                logits, _ = self.model.apply(state.params, state.buffers, xs, train=False)
+                for name, fn in OUTPUT_FUNCTIONS.items():
+                    parts[name].append(fn(logits, ys).double().cpu().numpy())
+                correct = (logits.argmax(-1) == ys).double().reshape(ys.shape[0], -1).mean(1)  # token mean for LMs
+                parts["correct"].append(correct.cpu().numpy())
+        return {name: np.concatenate(values) for name, values in parts.items()}
 
 
 # --- state <-> flat tensor dict (checkpoint files) -----------------------------------------
@@ -262,7 +265,7 @@ def train_stage(config: Config, run, overrides: list[str], progress_factory=None
     from magic_cli.replay import root_boundaries
     from magic_cli.run_dir import save_json, save_npy, save_tensors, save_text
 
-    enable_determinism(config.device, config.threads)
+    determinism = enable_determinism(config.device, config.threads)
     problem = Problem.build(config)
     T = problem.total_steps
     keep = set(root_boundaries(config.checkpoint.name, T, config.checkpoint.k))
@@ -272,8 +275,8 @@ def train_stage(config: Config, run, overrides: list[str], progress_factory=None
     outputs = problem.outputs(final)
     train_out = problem.outputs(final, ds.x_train, ds.y_train)
     metrics = {
-        "test_accuracy": problem.accuracy(final, ds.x_test, ds.y_test),
-        "train_accuracy": problem.accuracy(final, ds.x_train, ds.y_train),
+        "test_accuracy": float(np.mean(outputs.pop("correct"))),
+        "train_accuracy": float(np.mean(train_out["correct"])),
         "test_loss": float(np.mean(outputs["loss"])),
         "train_loss": float(np.mean(train_out["loss"])),
         "steps": T,
@@ -285,7 +288,7 @@ def train_stage(config: Config, run, overrides: list[str], progress_factory=None
     }
     save_text(run.config_yaml, to_yaml(config.raw))
     save_text(run.overrides_txt, "".join(f"{o}\n" for o in overrides))
-    save_json(run.meta_json, run_meta(config))
+    save_json(run.meta_json, run_meta(config, determinism))
     save_checkpoints(run.checkpoints, kept)
     save_tensors(run.final_state, flatten_state(final))
     for name, values in outputs.items():

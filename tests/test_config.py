@@ -133,3 +133,23 @@ def test_help_does_not_import_torch():
     code = "import sys; from magic_cli.cli import main; main(['--help']); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent)
     assert out.stdout.strip().endswith("False")
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["name=.."], "name must be a word"),
+    (["name=a/b"], "name must be a word"),
+])
+def test_run_names_are_plain_words(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load(overrides)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model.hidden=128"], "model.hidden must be a list"),
+    (["model=transformer", "dataset=text_chars", "model.n_heads=0"], "model.n_heads must be a positive"),
+    (["model=cnn_small", "dataset=digits_images", "model.channels=[]"], "model.channels must be positive"),
+    (["dataset.test_fraction=abc"], "dataset.test_fraction must be in"),
+])
+def test_bad_model_and_dataset_values_are_one_line(cli, tmp_path, overrides, fragment):
+    code, _, err = cli("train", *overrides, f"out_dir={tmp_path}")
+    assert code == 2 and fragment in err and err.count("\n") == 1, err

@@ -96,3 +96,20 @@ def test_killed_run_resumes_to_the_same_result(cli, tmp_path):
 def test_ground_truth_before_training_is_refused(cli, tmp_path):
     code, _, err = cli("retrain-ground-truth", *TINY, f"out_dir={tmp_path}")
     assert code == 2 and "magic train" in err
+
+
+def test_more_subsets_extend_the_masks(cli, tmp_path):
+    assert cli("train", *TINY, f"out_dir={tmp_path}")[0] == 0
+    assert cli("retrain-ground-truth", *TINY, *GT, f"out_dir={tmp_path}")[0] == 0
+    more = ["ground_truth.drop_fractions=[0.1,0.2]", "ground_truth.num_subsets=8"]
+    code, out, err = cli("retrain-ground-truth", *TINY, *more, f"out_dir={tmp_path}")
+    assert code == 0, err
+    assert "retrained 4 subsets" in out.replace("\n", " ") or "retrained 4 subsets" in err.replace("\n", " ")
+    merged = np.load(tmp_path / "ground_truth" / "drop_0.1" / "outputs_loss.npy")
+    assert merged.shape[0] == 8
+
+
+def test_drop_fraction_that_drops_nothing_is_refused(cli, tmp_path):
+    assert cli("train", *TINY, f"out_dir={tmp_path}")[0] == 0
+    code, _, err = cli("retrain-ground-truth", *TINY, "ground_truth.drop_fractions=[0.001]", f"out_dir={tmp_path}")
+    assert code == 2 and "drops none" in err

@@ -157,7 +157,7 @@ def test_nan_adjoint_is_reported_with_its_step(cli, tmp_path):
     code, _, err = cli("train", *overrides)
     assert code == 0, err
     code, _, err = cli("attribute", "--test-ids", "0", *overrides)
-    assert code == 1 and "NaN/Inf at step" in err and "eps_root" in err
+    assert code == 1 and "NaN/Inf around step" in err and "eps_root" in err
 
 
 def test_non_deterministic_recomputation_is_detected(cli, tmp_path):
@@ -174,3 +174,14 @@ def test_non_deterministic_recomputation_is_detected(cli, tmp_path):
                        f"out_dir={tmp_path}")
     # the segment recomputed from the tampered state no longer reaches the next stored one
     assert code == 1 and f"after step {steps[2]}" in err
+
+
+def test_scores_of_other_settings_are_not_reused(cli, tmp_path):
+    _attribute(cli, tmp_path, "0:3")
+    code, _, err = cli("attribute", "--test-ids", "0:3", *TINY, f"out_dir={tmp_path}", "attribute.output=margin")
+    assert code == 2 and "other settings" in err and "--overwrite" in err
+    code, _, err = cli("attribute", "--test-ids", "0:3", *TINY, f"out_dir={tmp_path}", "attribute.output=margin",
+                       "--overwrite")
+    assert code == 0, err
+    side = json.loads((tmp_path / "attribute" / "magic" / "scores.json").read_text())
+    assert side["output"] == "margin" and side["ids_computed"] == 3

@@ -59,7 +59,9 @@ def _fake_run(cli, tmp_path, slope=2.0):
     ids = [0, 1, 2, 3]
     scores = rng.normal(size=(n_train, len(ids)))
     save_npy(run.scores_npy("magic"), scores)
-    save_json(run.scores_json("magic"), {"method": "magic", "test_ids": ids, "output": "loss", "seconds": 1.5})
+    fingerprint = json.loads(run.fingerprint_json.read_text())["fingerprint"]
+    save_json(run.scores_json("magic"), {"method": "magic", "test_ids": ids, "output": "loss", "seconds": 1.5,
+                                         "fingerprint": fingerprint})
     masks = rng.random((30, n_train)) > 0.1
     outputs = np.tile(base, (30, 1))
     outputs[:, ids] += slope * predicted_change(scores, masks)
@@ -84,6 +86,14 @@ def test_score_writes_the_report_with_known_values(cli, tmp_path):
     for name in ("report.md", "lds_vs_drop.png", "scatter_magic_0.1.png"):
         assert (run.report_dir / name).stat().st_size > 0
     assert "magic" in out and "1.000" in out
+
+
+def test_score_refuses_scores_of_another_training_run(cli, tmp_path):
+    run = _fake_run(cli, tmp_path)
+    side = json.loads(run.scores_json("magic").read_text())
+    save_json(run.scores_json("magic"), {**side, "fingerprint": "0123456789abcdef"})
+    code, _, err = cli("score", *TINY, f"out_dir={tmp_path}", "ground_truth.drop_fractions=[0.1]")
+    assert code == 2 and "another training run" in err
 
 
 def test_score_without_inputs_names_the_command_to_run(cli, tmp_path):

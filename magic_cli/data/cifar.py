@@ -20,7 +20,7 @@ def cifar10(seed: int, *, root: str = "data/cifar10", download: bool = True, cla
         raise ValueError(f"dataset.classes must be distinct CIFAR-10 class ids 0..9, got {classes}")
     try:
         splits = [CIFAR10(root, train=train, download=download) for train in (True, False)]
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+    except (RuntimeError, OSError) as e:  # not found / corrupted, or no network for the download
         raise ValueError(f"dataset.root={root!r}: {e} (set dataset.download=true on a machine with a network)") \
             from None
     relabel = {c: i for i, c in enumerate(classes)}

@@ -10,7 +10,7 @@ def _split_standardise(name: str, x, y, seed: int, test_fraction: float):
     from magic_cli.data import Dataset
     from magic_cli.determinism import derive_seed
 
-    if not 0 < test_fraction < 1:
+    if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise ValueError(f"dataset.test_fraction must be in (0, 1), got {test_fraction}")
     n = len(y)
     perm = np.random.default_rng(derive_seed(seed, "split")).permutation(n)

@@ -91,8 +91,13 @@ class ResNet9:
         return linear(pool_all(x, self.pool), params, "head", taps), nb
 
 
-def _check(act: str, pool: str):
+def _check(act: str, pool: str, **positive):
     activation(act)
+    for key, value in positive.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        ok = all(isinstance(v, (int, float)) and v > 0 for v in values)
+        if not ok or (isinstance(value, (list, tuple)) and not value):
+            raise ValueError(f"model.{key} must be positive (a list of widths for channels), got {value!r}")
     if pool not in ("avg", "lse", "max"):
         raise ValueError(f"model.pool={pool!r} is not valid; choose one of: avg, lse, max")
 
@@ -102,7 +107,7 @@ def cnn_small(input_shape: tuple, n_classes: int, *, channels: list = (16, 32), 
     """A small CNN for CPU-sized runs: len(channels) conv blocks with BatchNorm."""
     if len(input_shape) != 3:
         raise ValueError(f"model=cnn_small needs image inputs (C, H, W), got shape {input_shape}")
-    _check(activation, pool)
+    _check(activation, pool, channels=channels, head_scale=head_scale)
     return SmallCNN(input_shape[0], n_classes, tuple(int(c) for c in channels), activation, pool, float(head_scale))
 
 
@@ -111,5 +116,5 @@ def resnet9(input_shape: tuple, n_classes: int, *, width: float = 1.0, activatio
     """ResNet-9 with BatchNorm before each activation; `width` multiplies the channel counts."""
     if len(input_shape) != 3:
         raise ValueError(f"model=resnet9 needs image inputs (C, H, W), got shape {input_shape}")
-    _check(activation, pool)
+    _check(activation, pool, width=width, head_scale=head_scale)
     return ResNet9(input_shape[0], n_classes, float(width), activation, pool, float(head_scale))

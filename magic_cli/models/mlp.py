@@ -37,8 +37,8 @@ def mlp(input_shape: tuple, n_classes: int, *, hidden: list = (128,), activation
     from magic_cli.models.layers import activation as check_activation
 
     check_activation(activation)
-    if any(int(h) < 1 for h in hidden):
-        raise ValueError(f"model.hidden must be positive widths, got {list(hidden)}")
+    if not isinstance(hidden, (list, tuple)) or not all(isinstance(h, int) and h >= 1 for h in hidden):
+        raise ValueError(f"model.hidden must be a list of positive widths, e.g. [128], got {hidden!r}")
     return MLP(sizes=(math.prod(input_shape), *map(int, hidden), n_classes), act=activation)
 
 
