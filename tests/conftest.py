@@ -37,3 +37,19 @@ def problem_for(overrides):
     config = load(overrides)
     enable_determinism(config.device, config.threads)
     return Problem.build(config)
+
+
+def unrolled_scores(problem, ids, output="loss"):
+    """d f_j / d w by autograd through the fully unrolled training loop: (len(ids), N)."""
+    import torch
+
+    from magic_cli.train import OUTPUT_FUNCTIONS
+
+    w = problem.weights.clone().requires_grad_()
+    state = problem.init_state()
+    with torch.enable_grad():
+        for t in range(problem.total_steps):
+            state = problem.step(state, t, w)
+        logits, _ = problem.model.apply(state.params, state.buffers, problem.dataset.x_test[ids], train=False)
+        out = OUTPUT_FUNCTIONS[output](logits, problem.dataset.y_test[ids])
+        return torch.stack([torch.autograd.grad(out[j], w, retain_graph=True)[0] for j in range(len(ids))])

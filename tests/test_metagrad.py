@@ -9,10 +9,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, problem_for
+from conftest import TINY, problem_for, unrolled_scores
 
 from magic_cli.replay import ReverseStates, root_boundaries
-from magic_cli.train import OUTPUT_FUNCTIONS
 
 
 def _attribute(cli, run_dir, ids, *overrides, extra=()):
@@ -22,18 +21,6 @@ def _attribute(cli, run_dir, ids, *overrides, extra=()):
     assert code == 0, err
     side = json.loads((run_dir / "attribute" / "magic" / "scores.json").read_text())
     return np.load(run_dir / "attribute" / "magic" / "scores.npy"), side
-
-
-def _unrolled(problem, ids, output):
-    """d f_j / d w by autograd through the fully unrolled training loop: (len(ids), N)."""
-    w = problem.weights.clone().requires_grad_()
-    state = problem.init_state()
-    with torch.enable_grad():
-        for t in range(problem.total_steps):
-            state = problem.step(state, t, w)
-        logits, _ = problem.model.apply(state.params, state.buffers, problem.dataset.x_test[ids], train=False)
-        out = OUTPUT_FUNCTIONS[output](logits, problem.dataset.y_test[ids])
-        return torch.stack([torch.autograd.grad(out[j], w, retain_graph=True)[0] for j in range(len(ids))])
 
 
 MODELS_AND_OPTIMIZERS = [
@@ -58,7 +45,7 @@ def test_scores_match_unrolled_autograd(cli, tmp_path, model, overrides, output)
     code, _, err = cli("attribute", "--test-ids", "0,3,7", *overrides_all, f"out_dir={tmp_path}")
     assert code == 0, err
     scores = np.load(tmp_path / "attribute" / "magic" / "scores.npy")  # (N, 3)
-    want = _unrolled(problem_for(overrides_all), ids, output).numpy().T
+    want = unrolled_scores(problem_for(overrides_all), ids, output).numpy().T
     assert np.abs(scores - want).max() <= 1e-10 * np.abs(want).max()
 
 

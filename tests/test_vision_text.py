@@ -8,9 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import problem_for
-
-from magic_cli.train import OUTPUT_FUNCTIONS
+from conftest import problem_for, unrolled_scores
 
 CNN = ["dataset=digits_images", "model=cnn_small", "model.channels=[3,4]", "train.epochs=1", "train.batch_size=64",
        "dtype=float64"]
@@ -93,17 +91,6 @@ def test_text_chunks_are_next_character_pairs():
     assert torch.equal(ds.x_train[:, 1:], ds.y_train[:, :-1])
 
 
-def _unrolled(problem, ids, output="loss"):
-    w = problem.weights.clone().requires_grad_()
-    state = problem.init_state()
-    with torch.enable_grad():
-        for t in range(problem.total_steps):
-            state = problem.step(state, t, w)
-        logits, _ = problem.model.apply(state.params, state.buffers, problem.dataset.x_test[ids], train=False)
-        out = OUTPUT_FUNCTIONS[output](logits, problem.dataset.y_test[ids])
-        return torch.stack([torch.autograd.grad(out[j], w, retain_graph=True)[0] for j in range(len(ids))])
-
-
 @pytest.mark.parametrize("overrides", [CNN, LM], ids=["cnn_bn_augment", "transformer"])
 def test_scores_match_unrolled_autograd_and_finite_differences(cli, tmp_path, overrides):
     args = overrides + [f"out_dir={tmp_path}"]
@@ -113,7 +100,7 @@ def test_scores_match_unrolled_autograd_and_finite_differences(cli, tmp_path, ov
     scores = np.load(tmp_path / "attribute" / "magic" / "scores.npy")
     problem = problem_for(args)
     assert problem.init_state().buffers or overrides is LM  # BatchNorm statistics are in the state
-    want = _unrolled(problem, [0, 2]).numpy().T
+    want = unrolled_scores(problem, [0, 2]).numpy().T
     assert np.abs(scores - want).max() <= 1e-10 * np.abs(want).max()
     h = 1e-4
     for i in (1, 17):
