@@ -3,7 +3,7 @@ examples, each used as the data weights of a deterministic retraining with the r
 training config (same init, order and batches). Sharded, resumable, parallel.
 
     ground_truth/drop_<p>/masks.npy           bool (m, N): True = kept
-    ground_truth/drop_<p>/subset_<k>.npz      loss, margin: float64 (n_test,) of retraining k
+    ground_truth/drop_<p>/subset_<k>.npz      loss, margin, correct: float64 (n_test,) of retraining k
     ground_truth/drop_<p>/outputs_<o>.npy     float64 (m, n_test), once every subset exists
 
 Masks are a pure function of (ground_truth.seed, p, k), so every machine, shard and worker
@@ -110,14 +110,13 @@ def ground_truth_stage(config, run, shard: str | None = None, workers: int = 1, 
         if round(p * n_train) == 0:
             raise ValueError(f"ground_truth.drop_fractions: {p:g} of {n_train} training examples drops none")
         masks = make_masks(n_train, p, gt.num_subsets, gt.seed)
-        if run.masks(p).is_file():
-            # Masks are a pure function of (seed, p, k): a changed num_subsets keeps the common prefix.
-            old = load_npy(run.masks(p))
-            common = min(len(old), len(masks))
-            if old.shape[1:] != masks.shape[1:] or not np.array_equal(old[:common], masks[:common]):
-                raise ValueError(f"{run.masks(p)} holds other masks (ground_truth.seed changed?); delete that "
-                                 "folder or restore the setting")
-        if not run.masks(p).is_file() or len(old) != len(masks):
+        old = load_npy(run.masks(p)) if run.masks(p).is_file() else None
+        # Masks are a pure function of (seed, p, k): a changed num_subsets keeps the common prefix.
+        common = 0 if old is None else min(len(old), len(masks))
+        if old is not None and (old.shape[1:] != masks.shape[1:] or not np.array_equal(old[:common], masks[:common])):
+            raise ValueError(f"{run.masks(p)} holds other masks (ground_truth.seed changed?); delete that "
+                             "folder or restore the setting")
+        if old is None or len(old) != len(masks):
             save_npy(run.masks(p), masks)
         todo += [Task(p, k) for k in range(gt.num_subsets)
                  if k % count == index and not run.subset(p, k).is_file()]

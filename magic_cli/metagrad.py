@@ -60,11 +60,11 @@ def output_cotangents(problem: Problem, state: TrainState, test_ids, output: str
 
 
 def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: str, k: int,
-                 test_ids: list[int], output: str, progress=None, verify: bool = True):
+                 test_ids: list[int], output: str, progress=None):
     """scores (J, N) in the run's dtype for the test ids, and ReverseStats.
 
-    `stored` maps the checkpoint steps `train` stored to states or lazy loaders; every one of
-    them (and the final state) is compared bitwise with its recomputation.
+    `stored` maps the checkpoint steps `train` stored to states or lazy loaders. The final
+    state, and for sqrt/replay every stored state, is compared bitwise with its recomputation.
     """
     import torch
 
@@ -75,7 +75,7 @@ def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: st
     states = ReverseStates(lambda s, t: problem.step(s, t), stored, T, strategy, k)
     # Recomputed states are checked bitwise where `train` stored one: the final state, and for
     # sqrt/replay every stored checkpoint (with `all` nothing else is recomputed).
-    check_at = ({T: final} if strategy == "all" else {**stored, T: final}) if verify else {}
+    check_at = {T: final} if strategy == "all" else {**stored, T: final}
     lam = output_cotangents(problem, final, test_ids, output)
     scores = torch.zeros(len(test_ids), problem.dataset.n_train, dtype=problem.dtype, device=problem.device)
     for done, (t, s_t) in enumerate(states):
