@@ -1,8 +1,20 @@
 """The `magic attribute` stage: scores for the requested test ids by one method, resumable.
 
-    attribute/<method>/test_<id>.npy   (N,) scores of one test id (skipped when present)
-    attribute/<method>/scores.npy      (N, n_ids) for the requested ids, in their order
-    attribute/<method>/scores.json     test_ids, output, method, sign, checkpoint, fingerprint, seconds, ...
+    attribute/<method>/settings.json   the settings (output, options) and fingerprint of the folder
+    attribute/<method>/test_<id>.npy   (N,) scores of one test id, with its sidecar test_<id>.json
+    attribute/<method>/scores.npy      (N, n_ids) every valid test id of the folder, ids ascending
+    attribute/<method>/scores.json     its sidecar: test_ids, output, method, sign, fingerprint, sha256, ...
+
+A per-id file is reused only if its sidecar carries this run's fingerprint and these settings
+and its digest matches; anything else is recomputed, never merged. The requested ids are cut
+into fixed groups of attribute.batch_size (in the order given); a group with any id missing
+is recomputed whole, so a killed and rerun command gives exactly the bytes of an undisturbed
+one. (Batched kernels may round an id's scores differently in another group: float32 scores
+of one id computed in two different groups can differ in the last bits.)
+
+The merge into scores.npy holds attribute/<method>/.merge.lock, so processes attributing
+disjoint ids of one run never lose each other's results, and scores.npy is written before
+its sidecar, which holds its digest: a reader never takes one without the other.
 
 MAGIC (metagrad.py) and the baselines (baselines.py) share the layout and the sign
 convention scores[i, j] = d f_j / d w_i, so `magic score` treats them alike.
@@ -10,82 +22,168 @@ convention scores[i, j] = d f_j / d w_i, so `magic score` treats them alike.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
+from magic_cli.errors import StageError
 from magic_cli.train import Problem
+
+SIGN = "d output / d weight"
 
 
 def attribute_stage(config, run, test_ids_spec: str, overwrite: bool = False, progress_factory=None) -> dict:
-    """Compute the missing test ids with config.attribute.method; merge; return the sidecar."""
-    import dataclasses
-
-    import numpy as np
-
-    from magic_cli.baselines import BASELINES
-    from magic_cli.config import parse_test_ids
+    """Compute the missing groups of test ids with config.attribute.method; merge; return a summary
+    of this invocation: method, test_ids (requested), ids_computed, seconds, shape of scores.npy, ..."""
     from magic_cli.determinism import enable_determinism
-    from magic_cli.metagrad import ReverseStats, load_final_and_stored, reverse_pass
-    from magic_cli.progress import no_progress
-    from magic_cli.run_dir import StageError, load_json, load_npy, save_json, save_npy
 
     # config.py admits only float32/float64: half precision gives meaningless metagradients.
     enable_determinism(config.device, config.threads)
-    record = run.require_trained(config)
-    problem = Problem.build(config)
-    ids = parse_test_ids(test_ids_spec, problem.dataset.n_test)
-    method, output = config.attribute.method, config.attribute.output
+    with run.lock(exclusive=False):
+        run.clean(exclusive=False)
+        record = run.require_trained(config)
+        problem = Problem.build(config)
+        return _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_factory)
+
+
+def settings_of(config) -> dict:
+    import dataclasses
+
+    method = config.attribute.method
     options = {"trak": config.attribute.trak, "ekfac": config.attribute.ekfac}.get(method)
-    options = dataclasses.asdict(options) if options else {}
-    # The per-id files are valid only for the settings that produced them.
-    settings = {"output": output, "options": options, "fingerprint": record["fingerprint"]}
-    if run.attribute_settings(method).is_file() and load_json(run.attribute_settings(method)) != settings:
-        if not overwrite:
-            raise StageError(f"{run.attribute_dir(method)} holds scores computed with other settings "
-                             f"({load_json(run.attribute_settings(method))}); pass --overwrite to recompute")
-        for path in run.attribute_dir(method).glob("test_*.npy"):
-            path.unlink()
-    save_json(run.attribute_settings(method), settings)
-    todo = [i for i in ids if overwrite or not run.test_scores(method, i).is_file()]
+    return {"method": method, "output": config.attribute.output,
+            "options": dataclasses.asdict(options) if options else {}}
+
+
+def identity(config, record: dict) -> dict:
+    """What every artifact of attribute/<method>/ must carry to belong to this run and settings."""
+    from magic_cli.run_dir import json_text, sha256_bytes
+
+    settings = sha256_bytes(json_text(settings_of(config)).encode())[:16]
+    return {"fingerprint": record["fingerprint"], "settings": settings}
+
+
+def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_factory) -> dict:
+    from magic_cli.baselines import BASELINES
+    from magic_cli.config import parse_test_ids
+    from magic_cli.metagrad import ReverseStats, reverse_pass
+    from magic_cli.progress import no_progress
+    from magic_cli.run_dir import npy_bytes, save_artifact, status
+    from magic_cli.train import load_final_and_stored
+
+    ids = parse_test_ids(test_ids_spec, problem.dataset.n_test)
+    settings, key = settings_of(config), identity(config, record)
+    method, output = settings["method"], settings["output"]
+    _prepare_folder(run, method, settings, record["fingerprint"], overwrite)
+
+    size = config.attribute.batch_size if method == "magic" else len(ids)
+    groups = [ids[i:i + size] for i in range(0, len(ids), size)]
+    todo = [g for g in groups if overwrite or any(status(run.test_scores(method, i), {**key, "test_id": i}) != "ok"
+                                                  for i in g)]
     stats = ReverseStats(steps=problem.total_steps)
     if todo:
-        final, stored = load_final_and_stored(problem, run)
-        size = config.attribute.batch_size if method == "magic" else len(todo)
-        for start in range(0, len(todo), size):
-            chunk = todo[start:start + size]
-            label = f"{method} {len(chunk)} id{'s' if len(chunk) > 1 else ''} ({start + len(chunk)}/{len(todo)})"
+        final, stored = load_final_and_stored(problem, run, record)
+        done = 0
+        for group in todo:
+            done += len(group)
+            label = f"{method} {len(group)} id{'s' if len(group) > 1 else ''} ({done}/{sum(map(len, todo))})"
+            begin = time.perf_counter()
             if method == "magic":
                 with (progress_factory or no_progress)(label, problem.total_steps) as advance:
                     scores, st = reverse_pass(problem, final, stored, config.checkpoint.name, config.checkpoint.k,
-                                              chunk, output, progress=advance)
+                                              group, output, progress=advance)
                 stats.peak_states = max(stats.peak_states, st.peak_states)
                 stats.forward_steps += st.forward_steps
-                seconds = st.seconds
                 scores = scores.cpu().numpy()
             else:
-                begin = time.perf_counter()
-                scores = BASELINES[method](problem, final, chunk, output, options).T.to(problem.dtype).cpu().numpy()
-                seconds = time.perf_counter() - begin
-            for j, test_id in enumerate(chunk):
-                save_npy(run.test_scores(method, test_id), scores[j])
+                options = settings["options"]
+                scores = BASELINES[method](problem, final, group, output, options).T.to(problem.dtype).cpu().numpy()
+            seconds = time.perf_counter() - begin
             stats.seconds += seconds
-    merged = np.stack([load_npy(run.test_scores(method, i)) for i in ids], axis=1)  # (N, n_ids)
-    sidecar = {
-        "method": method,
-        "test_ids": ids,
-        "output": output,
-        "options": options,
-        "sign": "d output / d weight",
+            for j, test_id in enumerate(group):
+                save_artifact(run.test_scores(method, test_id), npy_bytes(scores[j]),
+                              {**key, "test_id": test_id, "group": group, "seconds": seconds / len(group)})
+    invocation = {
+        "method": method, "output": output, "test_ids": ids, "ids_computed": sum(map(len, todo)),
+        "seconds": stats.seconds, "peak_states": stats.peak_states, "forward_steps": stats.forward_steps,
+        "steps": problem.total_steps, "batch_size": config.attribute.batch_size,
         "checkpoint": {"name": config.checkpoint.name, "k": config.checkpoint.k},
-        "fingerprint": record["fingerprint"],
-        "seconds": stats.seconds,
-        "ids_computed": len(todo),
-        "peak_states": stats.peak_states,
-        "forward_steps": stats.forward_steps,
-        "steps": problem.total_steps,
-        "batch_size": config.attribute.batch_size,
-        "shape": list(merged.shape),
-        "dtype": str(merged.dtype),
     }
-    save_npy(run.scores_npy(method), merged)
-    save_json(run.scores_json(method), sidecar)
-    return sidecar
+    side = merge_scores(run, method, key, settings, invocation)
+    missing = [i for i in ids if i not in set(side["test_ids"])]
+    if missing:  # another process replaced one of ours between our write and the merge
+        raise StageError(f"test ids {missing[:5]} of {run.attribute_dir(method)} were overwritten while this "
+                         "command ran; run it again")
+    return {**invocation, "shape": side["shape"], "merged_ids": len(side["test_ids"])}
+
+
+def _prepare_folder(run, method, settings, fingerprint, overwrite) -> None:
+    """settings.json names what the folder's per-id files are: scores of another training run are
+    deleted (they can never be used), scores of other settings are kept unless --overwrite."""
+    from magic_cli.run_dir import load_json, remove_artifact, save_json
+
+    path = run.attribute_settings(method)
+    try:
+        old = load_json(path) if path.is_file() else None
+    except ValueError:
+        old = None  # torn or damaged: the per-id sidecars still say what each file is
+    if old is not None and old.get("fingerprint") == fingerprint and old.get("settings") != settings:
+        if not overwrite:
+            raise StageError(f"{run.attribute_dir(method)} holds scores computed with other settings "
+                             f"({old.get('settings')}); pass --overwrite to recompute")
+    if old is None or old != {"fingerprint": fingerprint, "settings": settings}:
+        if old is not None:
+            for file in run.attribute_dir(method).glob("test_*.npy"):
+                remove_artifact(file)
+        save_json(path, {"fingerprint": fingerprint, "settings": settings})
+
+
+@contextlib.contextmanager
+def merge_lock(run, method: str, exclusive: bool):
+    """Serialises merges of attribute/<method>/ (and lets a reader see scores.npy and its sidecar
+    as one). Waits: a merge takes well under a second per thousand ids."""
+    import fcntl
+
+    folder = run.attribute_dir(method)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".merge.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def merge_scores(run, method: str, key: dict, settings: dict, invocation: dict) -> dict:
+    """scores.npy (N, n) of every valid per-id file of the folder, ids ascending; its sidecar."""
+    import numpy as np
+
+    from magic_cli.run_dir import load_json, load_npy, npy_bytes, save_artifact, sidecar, status
+
+    with merge_lock(run, method, exclusive=True):
+        found = sorted(int(p.stem[len("test_"):]) for p in run.attribute_dir(method).glob("test_*.npy")
+                       if p.stem[len("test_"):].isdigit())
+        valid = [i for i in found if status(run.test_scores(method, i), {**key, "test_id": i}) == "ok"]
+        arrays = [load_npy(run.test_scores(method, i)) for i in valid]
+        seconds = sum(load_json(sidecar(run.test_scores(method, i)))["seconds"] for i in valid)
+        merged = np.stack(arrays, axis=1) if arrays else np.zeros((0, 0))
+        meta = {**key, **settings, "test_ids": valid, "sign": SIGN, "seconds": seconds,
+                "shape": list(merged.shape), "dtype": str(merged.dtype),
+                **{k: v for k, v in invocation.items() if k not in ("test_ids", "seconds")}}
+        return save_artifact(run.scores_npy(method), npy_bytes(merged), meta)
+
+
+def load_scores(run, method: str, fingerprint: str):
+    """(scores (N, n_ids), sidecar) of attribute/<method>/, verified; StageError naming what to run."""
+    from magic_cli.errors import ArtifactError
+    from magic_cli.run_dir import load_npy, verify
+
+    with merge_lock(run, method, exclusive=False):
+        try:
+            side = verify(run.scores_npy(method))
+        except ArtifactError as e:
+            raise StageError(f"{e}; rerun `magic attribute --method {method}` to rebuild it") from None
+        if side.get("fingerprint") != fingerprint:
+            raise StageError(f"attribute/{method} was computed for another training run; rerun `magic attribute "
+                             f"--method {method} --overwrite`")
+        return load_npy(run.scores_npy(method)), side

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from magic_cli.errors import ConfigError
 from magic_cli.train import OUTPUT_FUNCTIONS, Problem, TrainState
 
 CHUNK = 256  # examples per vmap(grad) call
@@ -135,7 +136,7 @@ def trak(problem: Problem, final: TrainState, test_ids, output: str, options: di
     n_models = int(options.get("checkpoints", 1))
     proj_dim, damping = int(options.get("proj_dim", 1024)), float(options.get("damping", 0.1))
     if n_models > problem.config.train.epochs + 1:
-        raise ValueError(f"attribute.trak.checkpoints={n_models} exceeds the {problem.config.train.epochs + 1} "
+        raise ConfigError(f"attribute.trak.checkpoints={n_models} exceeds the {problem.config.train.epochs + 1} "
                          "epoch states of this run")
     if n_models == 1:
         states = [final]
@@ -169,7 +170,7 @@ def _linear_layers(params: dict) -> list[str]:
     covered = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
     outside = [k for k in params if k not in covered]
     if outside:
-        raise ValueError(f"ekfac supports models whose parameters all sit in linear layers; "
+        raise ConfigError(f"ekfac supports models whose parameters all sit in linear layers; "
                          f"{', '.join(outside[:3])} do not")
     return names
 
@@ -193,7 +194,7 @@ def _layer_factors(problem: Problem, state: TrainState, layers: list[str], chunk
             taps = Taps(offsets)
             logits, _ = problem.model.apply(state.params, state.buffers, x, train=False, taps=taps)
             if logits.dim() != 2:
-                raise ValueError("ekfac supports classifiers with one label per example")
+                raise ConfigError("ekfac supports classifiers with one label per example")
             log_p = torch.log_softmax(logits, dim=-1)
             grads = [torch.autograd.grad(-log_p[:, y].sum(), [offsets[n] for n in layers], retain_graph=True)
                      for y in range(logits.shape[1])]

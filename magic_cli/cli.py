@@ -32,10 +32,6 @@ ConfigDir = Annotated[Optional[Path], typer.Option(
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Recompute and replace existing results.")]
 
 
-class UserError(Exception):
-    """Anything the user can fix: printed as one line, exit code 2."""
-
-
 def _fail(message: str, code: int = 2):
     typer.echo(f"magic: error: {message}", err=True)
     raise typer.Exit(code)
@@ -50,20 +46,36 @@ def _load(overrides, config_dir):
         _fail(str(e))
 
 
-def _run(fn, *args, **kwargs):
-    """Call a library stage, turning the errors a user can act on into one line."""
-    from magic_cli.config import ConfigError
-    from magic_cli.run_dir import StageError
+OUT_OF_MEMORY = {
+    "attribute": "lower attribute.batch_size (test ids per reverse pass) or use checkpoint=replay",
+    "train": "lower train.batch_size or use a smaller model",
+    "retrain-ground-truth": "lower --workers or train.batch_size",
+    "score": "attribute fewer test ids",
+}
+
+
+def _run(command: str, fn, *args, **kwargs):
+    """Call a library stage, turning the errors a user can act on into one line (exit 2).
+
+    Only UserError (bad config or input, a run directory in the wrong state, non-finite or
+    non-deterministic training), running out of GPU memory, and failing to write a file become
+    one line; anything else is a bug and keeps its traceback.
+    """
+    from magic_cli.errors import UserError
 
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, StageError, UserError, ValueError, FileNotFoundError) as e:
+    except UserError as e:
         _fail(str(e))
+    except OSError as e:
+        if e.filename is None:
+            raise
+        _fail(f"cannot write or read {e.filename}: {e.strerror or e}")
     except RuntimeError as e:
-        from magic_cli.metagrad import NonDeterminismError, NonFiniteAdjointError
+        import torch
 
-        if isinstance(e, (NonDeterminismError, NonFiniteAdjointError)):
-            _fail(str(e), code=1)
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            _fail(f"out of GPU memory in `magic {command}`: {OUT_OF_MEMORY[command]}")
         raise
 
 
@@ -77,31 +89,23 @@ def _console():
 def train(overrides: Overrides = None, config_dir: ConfigDir = None, overwrite: Overwrite = False):
     """Train the model deterministically and store the checkpoints the reverse pass needs."""
     from magic_cli.progress import rich_progress
-    from magic_cli.run_dir import RunDir, load_json
+    from magic_cli.run_dir import RunDir
     from magic_cli.train import train_stage
 
     cfg = _load(overrides, config_dir)
     run = RunDir(cfg.out_dir)
-    if run.fingerprint_json.is_file() and not overwrite:
-        record = load_json(run.fingerprint_json)
-        if record["fingerprint"] == cfg.fingerprint():
-            typer.echo(f"already trained in {run.root} (same config); pass --overwrite to train again")
-            return
-        _fail(f"{run.root} holds a run trained with a different config; choose another name=/out_dir= "
-              "or pass --overwrite (which deletes its attributions and ground truth)")
-    if overwrite:
-        _run(_clear_run, run)
-    metrics = _run(train_stage, cfg, run, list(overrides or []), progress_factory=rich_progress)
+    metrics = _run("train", train_stage, cfg, run, list(overrides or []), overwrite=overwrite,
+                   progress_factory=rich_progress)
+    if metrics["status"] == "already":
+        typer.echo(f"already trained in {run.root} (same config, every file verified); pass --overwrite to "
+                   "train again")
+        return
+    if metrics["repaired"]:
+        _console().print(f"repaired {', '.join(metrics['repaired'])} (retrained; the intact files were "
+                         "reproduced bit for bit)")
     _console().print(f"test accuracy [bold]{metrics['test_accuracy']:.4f}[/]  test loss {metrics['test_loss']:.4f}  "
                      f"{metrics['steps']} steps in {metrics['train_seconds']:.2f}s")
     typer.echo(f"wrote {run.train_dir}")
-
-
-def _clear_run(run) -> None:
-    import shutil
-
-    for sub in ("train", "attribute", "ground_truth", "report"):
-        shutil.rmtree(run.root / sub, ignore_errors=True)
 
 
 @app.command()
@@ -121,12 +125,12 @@ def attribute(
 
     cfg = _load(list(overrides or []) + ([f"attribute.method={method}"] if method else []), config_dir)
     run = RunDir(cfg.out_dir)
-    side = _run(attribute_stage, cfg, run, test_ids, overwrite=overwrite, progress_factory=rich_progress)
+    side = _run("attribute", attribute_stage, cfg, run, test_ids, overwrite=overwrite, progress_factory=rich_progress)
     extra = f", peak {side['peak_states']} states, checkpoint={side['checkpoint']['name']}" \
-        if side["method"] == "magic" else ""
+        if side["method"] == "magic" and side["ids_computed"] else ""
     _console().print(f"{side['method']}: {len(side['test_ids'])} test ids ({side['ids_computed']} computed) in "
                      f"{side['seconds']:.2f}s{extra}")
-    typer.echo(f"wrote {run.scores_npy(side['method'])} {tuple(side['shape'])}")
+    typer.echo(f"wrote {run.scores_npy(side['method'])} {tuple(side['shape'])} ({side['merged_ids']} test ids)")
 
 
 @app.command("retrain-ground-truth")
@@ -145,7 +149,10 @@ def retrain_ground_truth(
 
     cfg = _load(overrides, config_dir)
     run = RunDir(cfg.out_dir)
-    res = _run(ground_truth_stage, cfg, run, shard=shard, workers=workers, progress_factory=rich_progress)
+    res = _run("retrain-ground-truth", ground_truth_stage, cfg, run, shard=shard, workers=workers,
+               progress_factory=rich_progress)
+    if res["redone"]:
+        _console().print(f"{res['redone']} damaged or out-of-date subsets were retrained")
     rate = f" ({res['per_minute']:.1f} subsets/min with {workers} worker{'s' if workers > 1 else ''})" \
         if res["per_minute"] else ""
     _console().print(f"retrained {res['done']} subsets in {res['seconds']:.1f}s{rate}")
@@ -161,10 +168,13 @@ def score(overrides: Overrides = None, config_dir: ConfigDir = None):
 
     cfg = _load(overrides, config_dir)
     run = RunDir(cfg.out_dir)
-    result = _run(score_stage, cfg, run)
+    result = _run("score", score_stage, cfg, run)
     from rich.console import Console
 
     Console().print(rich_table(result))
+    if result["missing_drop_fractions"]:
+        _console().print("no ground truth yet for drop " + ", ".join(f"{p:g}" for p in result["missing_drop_fractions"])
+                         + " (run `magic retrain-ground-truth`)")
     typer.echo(f"wrote {run.report_dir / 'report.md'}")
 
 

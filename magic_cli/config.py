@@ -11,23 +11,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from magic_cli.errors import ConfigError
+
 CONF_PACKAGE = "magic_cli.conf"
 DTYPES = ("float32", "float64")
 DEVICES = ("cpu", "cuda")
 OUTPUTS = ("loss", "margin")
 # Keys whose values determine the training run (and so its checkpoints, outputs and scores).
-TRAINING_KEYS = ("seed", "dtype", "device", "threads", "dataset", "model", "optimizer", "train",
-                 "checkpoint")
-
-
-class ConfigError(ValueError):
-    """A config problem; the message is one line that names the key to fix."""
+# `checkpoint` is not one of them: every strategy gives bit-identical scores, and a run's
+# stored states are enough to derive the checkpoints of any other strategy.
+TRAINING_KEYS = ("seed", "dtype", "device", "threads", "dataset", "model", "optimizer", "train")
+# Optimizer keys each optimizer reads (besides name, lr, weight_decay, schedule); others are refused.
+OPTIMIZER_KEYS = {"adam": ("betas", "eps", "eps_root"), "sgd": ("momentum", "nesterov")}
 
 
 def _check(ok: bool, message: str) -> None:
@@ -190,6 +192,9 @@ class Config:
         _check(self.threads >= 1, f"threads must be >= 1, got {self.threads}")
         _check(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.name or "") is not None and ".." not in self.name,
                f"name must be a word of letters, digits, _ . - (it names the run folder), got {self.name!r}")
+        _check(isinstance(self.out_dir, str) and self.out_dir.strip() not in ("", "."),
+               f"out_dir must name a run folder, got {self.out_dir!r} (an empty value would mean the current "
+               "directory)")
         _check_registry_options("dataset", self.dataset, DATASETS)
         _check_registry_options("model", self.model, MODELS)
 
@@ -256,9 +261,11 @@ def _build(cls, data: Any, prefix: str):
             value = tuple(value)
         elif hint is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        elif hint in (int, float, bool, str) and not isinstance(value, hint) or (
+        if hint in (int, float, bool, str) and not isinstance(value, hint) or (
                 hint is int and isinstance(value, bool)):
             raise ConfigError(f"{prefix}{key} must be {hint.__name__}, got {value!r}")
+        if hint is float and not math.isfinite(value):  # lr=inf trains to NaN, eps=nan poisons everything
+            raise ConfigError(f"{prefix}{key} must be a finite number, got {value!r}")
         kwargs[key] = value
     missing = [f.name for f in dataclasses.fields(cls)
                if f.name not in kwargs and f.name != "raw"
@@ -278,26 +285,66 @@ def conf_dir() -> Path:
 
 
 def compose(overrides: list[str] | tuple = (), config_dir: str | None = None):
-    """Compose conf/ (+ a user's config folder) with Hydra overrides; returns a DictConfig."""
+    """Compose conf/ (+ a user's config folder) with Hydra overrides; returns a DictConfig.
+
+    A user's folder is searched first: its files replace packaged files of the same name and
+    add new ones. Hydra's own `hydra.searchpath` puts extra folders after the primary one (and
+    cannot hold the primary config), so the two folders are overlaid into a temporary folder
+    of links instead, user files winning.
+    """
+    import tempfile
+
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
 
     overrides = list(overrides)
-    if config_dir is not None:
-        path = Path(config_dir).resolve()
-        _check(path.is_dir(), f"--config-dir: no such folder {config_dir!r}")
-        overrides.append(f"hydra.searchpath=[file://{path}]")
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise ConfigError(_one_line_hydra_error(e, overrides)) from None
-    finally:
+    with tempfile.TemporaryDirectory(prefix="magic-conf-") as tmp:
+        origin = _overlay(Path(tmp), conf_dir(), Path(config_dir) if config_dir is not None else None)
         GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=tmp, version_base="1.3"):
+                return hydra_compose(config_name="config", overrides=overrides)
+        except YAMLError as e:
+            raise ConfigError(_one_line_yaml_error(e, Path(tmp), origin)) from None
+        except (HydraException, OmegaConfBaseException, ValueError) as e:
+            raise ConfigError(_one_line_hydra_error(e, overrides)) from None
+        finally:
+            GlobalHydra.instance().clear()
+
+
+def _overlay(target: Path, packaged: Path, user: Path | None) -> dict:
+    """Link every YAML of `packaged`, then of `user` (replacing), into target; {rel path: source}."""
+    origin = {}
+    if user is not None:
+        _check(user.is_dir(), f"--config-dir: no such folder {str(user)!r}")
+    for base in (packaged, user):
+        if base is None:
+            continue
+        for src in sorted(base.resolve().rglob("*.yaml")):
+            rel = src.relative_to(base.resolve())
+            origin[rel] = src
+    for rel, src in origin.items():
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        (target / rel).symlink_to(src)
+    return origin
+
+
+def _one_line_yaml_error(e: Exception, tmp: Path, origin: dict) -> str:
+    """'FILE:LINE: problem' for a YAML syntax error, naming the user's file, not the overlay."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e)
+    if mark is None:
+        return f"YAML error: {' '.join(str(e).split())}"
+    name = Path(mark.name)
+    try:
+        name = origin.get(name.relative_to(tmp), name)
+    except ValueError:
+        pass
+    return f"{name}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {problem}"
 
 
 def _one_line_hydra_error(e: Exception, overrides: list[str]) -> str:
@@ -346,7 +393,21 @@ def load(overrides: list[str] | tuple = (), config_dir: str | None = None) -> Co
 def from_dict(raw: dict) -> Config:
     """Validate a resolved config tree (as saved in a run's config.yaml)."""
     _check(isinstance(raw, dict), "config must be a mapping")
-    return dataclasses.replace(_build(Config, raw, ""), raw=raw)
+    config = dataclasses.replace(_build(Config, raw, ""), raw=raw)
+    _check_applicable(raw)
+    return config
+
+
+def _check_applicable(raw: dict) -> None:
+    """Refuse keys that the chosen option does not read (they would be fingerprinted silently)."""
+    opt = raw["optimizer"]
+    others = {k for name, keys in OPTIMIZER_KEYS.items() if name != opt["name"] for k in keys}
+    for key in opt:
+        _check(key not in others or key in OPTIMIZER_KEYS[opt["name"]],
+               f"optimizer.{key} does not apply to optimizer={opt['name']}; remove it")
+    ck = raw.get("checkpoint", {})
+    _check("k" not in ck or ck.get("name") == "replay",
+           f"checkpoint.k applies only to checkpoint=replay, not checkpoint={ck.get('name')}; remove it")
 
 
 def to_yaml(raw: dict) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+from magic_cli.errors import ConfigError
+
 
 def derive_seed(seed: int, *tags: object) -> int:
     """A 63-bit seed that is a pure function of (seed, *tags), e.g. derive_seed(0, "order", 3)."""
@@ -37,7 +39,7 @@ def enable_determinism(device: str = "cpu", threads: int = 1) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     torch.set_num_threads(threads)
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda was asked for but CUDA is not available on this machine; use device=cpu")
+        raise ConfigError("device=cuda was asked for but CUDA is not available on this machine; use device=cpu")
     return {
         "use_deterministic_algorithms": True,
         "cudnn_benchmark": False,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from magic_cli.errors import ConfigError, StageError
+
 
 def make_mask(n_train: int, p: float, k: int, seed: int):
     """Mask k of drop fraction p: bool (N,), False for the round(p*N) dropped examples."""
@@ -43,9 +45,9 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
-        raise ValueError(f"--shard {spec!r} must look like I/N, e.g. 0/4") from None
+        raise ConfigError(f"--shard {spec!r} must look like I/N, e.g. 0/4") from None
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--shard {spec!r}: need 0 <= I < N")
+        raise ConfigError(f"--shard {spec!r}: need 0 <= I < N")
     return i, n
 
 
@@ -73,72 +75,145 @@ def _init_worker(raw_config: dict) -> None:
     torch.set_num_threads(1)
     _WORKER["problem"] = Problem.build(config)
     _WORKER["seed"] = config.ground_truth.seed
+    _WORKER["fingerprint"] = config.fingerprint()  # hashes the data-weights file as this process reads it
 
 
 def _retrain(task: Task):
+    """(task, outputs, fingerprint of the config this process trained with)."""
     import torch
 
     problem = _WORKER["problem"]
     mask = make_mask(problem.dataset.n_train, task.p, task.k, _WORKER["seed"])
     weights = problem.weights * torch.as_tensor(mask, dtype=problem.dtype, device=problem.device)
     final, _, _ = problem.run(weights=weights)
-    return task, problem.outputs(final)
+    return task, problem.outputs(final), _WORKER["fingerprint"]
 
 
 # --- the stage -------------------------------------------------------------------------------
 
+OUTPUTS = ("loss", "margin")
+
+
+def subset_identity(fingerprint: str, seed: int, p: float, k: int, mask) -> dict:
+    """What a subset file must carry to be retraining k of drop fraction p of this run."""
+    from magic_cli.run_dir import sha256_bytes
+
+    return {"fingerprint": fingerprint, "seed": seed, "drop": f"{p:g}", "k": k,
+            "mask": sha256_bytes(mask.tobytes())[:16]}
+
+
+def merged_identity(fingerprint: str, seed: int, p: float) -> dict:
+    return {"fingerprint": fingerprint, "seed": seed, "drop": f"{p:g}"}
+
+
 def ground_truth_stage(config, run, shard: str | None = None, workers: int = 1, progress_factory=None) -> dict:
     """Retrain every missing subset of this shard; merge each drop fraction once complete.
 
-    Returns {"done": subsets of this shard retrained now,
+    Returns {"done": subsets of this shard retrained now, "redone": damaged or stale ones among them,
     "merged": [p, ...] complete drop fractions, "seconds": wall time, "per_minute": rate}.
+    Everything is checked (drop fractions, seeds of earlier retrainings) before anything is written.
     """
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    index, count = parse_shard(shard)
+    with run.lock(exclusive=False):
+        run.clean(exclusive=False)
+        record = run.require_trained(config)
+        return _ground_truth(config, run, record, index, count, workers, progress_factory)
+
+
+def _ground_truth(config, run, record, index, count, workers, progress_factory) -> dict:
     import numpy as np
 
+    from magic_cli.errors import NonFiniteError
     from magic_cli.progress import no_progress
-    from magic_cli.run_dir import load_npy, load_npz, save_npy, save_npz
+    from magic_cli.run_dir import load_json, npy_bytes, npz_bytes, remove_artifact, save_artifact, sidecar, status
 
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
-    index, count = parse_shard(shard)
-    run.require_trained(config)
-    gt = config.ground_truth
-    n_train = int(run_metrics(run)["n_train"])
-
-    todo = []
+    gt, fingerprint = config.ground_truth, record["fingerprint"]
+    n_train = int(record["metrics"]["n_train"])
     for p in gt.drop_fractions:
         if round(p * n_train) == 0:
-            raise ValueError(f"ground_truth.drop_fractions: {p:g} of {n_train} training examples drops none")
-        masks = make_masks(n_train, p, gt.num_subsets, gt.seed)
-        old = load_npy(run.masks(p)) if run.masks(p).is_file() else None
-        # Masks are a pure function of (seed, p, k): a changed num_subsets keeps the common prefix.
-        common = 0 if old is None else min(len(old), len(masks))
-        if old is not None and (old.shape[1:] != masks.shape[1:] or not np.array_equal(old[:common], masks[:common])):
-            raise ValueError(f"{run.masks(p)} holds other masks (ground_truth.seed changed?); delete that "
-                             "folder or restore the setting")
-        if old is None or len(old) != len(masks):
-            save_npy(run.masks(p), masks)
-        todo += [Task(p, k) for k in range(gt.num_subsets)
-                 if k % count == index and not run.subset(p, k).is_file()]
+            raise ConfigError(f"ground_truth.drop_fractions: {p:g} of {n_train} training examples drops none")
+    masks = {p: make_masks(n_train, p, gt.num_subsets, gt.seed) for p in gt.drop_fractions}
+    identities = {(p, k): subset_identity(fingerprint, gt.seed, p, k, masks[p][k])
+                  for p in gt.drop_fractions for k in range(gt.num_subsets)}
+    states = {key: status(run.subset(*key), ident) for key, ident in identities.items()}
+    for key, st in states.items():
+        if st == "stale":
+            old = load_json(sidecar(run.subset(*key)))
+            if old.get("fingerprint") == fingerprint and old.get("seed") != gt.seed:
+                raise StageError(f"{run.ground_truth_dir(key[0])} holds retrainings drawn with ground_truth.seed="
+                                 f"{old.get('seed')}; restore that setting or delete the folder")
+
+    todo = [Task(p, k) for (p, k), st in states.items() if k % count == index and st != "ok"]
+    redone = sum(states[(t.p, t.k)] != "missing" for t in todo)
+    for p in gt.drop_fractions:  # masks.npy: the masks of the subsets, for the user (score redraws them)
+        meta = {**merged_identity(fingerprint, gt.seed, p), "num_subsets": gt.num_subsets}
+        if status(run.masks(p), meta) != "ok":
+            save_artifact(run.masks(p), npy_bytes(masks[p]), meta)
+    for task in todo:
+        remove_artifact(run.subset(task.p, task.k))  # damaged or of another run: never merged
 
     start = time.perf_counter()
     with (progress_factory or no_progress)(f"retrain (shard {index}/{count})", len(todo)) as advance:
-        for done, (task, outputs) in enumerate(_run_tasks(config, todo, workers)):
-            save_npz(run.subset(task.p, task.k), **outputs)
+        for done, (task, outputs, worker_fingerprint) in enumerate(_run_tasks(config, todo, workers)):
+            if worker_fingerprint != fingerprint:
+                raise StageError("the training config changed while retraining (train.data_weights edited?); "
+                                 "rerun `magic retrain-ground-truth`")
+            if not all(np.isfinite(outputs[o]).all() for o in OUTPUTS):
+                raise NonFiniteError(f"retraining {task.k} of drop fraction {task.p:g} gave NaN/Inf outputs: "
+                                     "training is unstable without these examples; lower optimizer.lr")
+            save_artifact(run.subset(task.p, task.k), npz_bytes(**outputs),
+                          {**identities[(task.p, task.k)], "device": config.device})
             advance(done + 1)
     seconds = time.perf_counter() - start
 
-    merged = []
-    for p in gt.drop_fractions:
-        files = [run.subset(p, k) for k in range(gt.num_subsets)]
-        if all(f.is_file() for f in files):
-            subsets = [load_npz(f) for f in files]
-            for name in ("loss", "margin"):
-                save_npy(run.ground_truth_outputs(p, name), np.stack([s[name] for s in subsets]))
-            merged.append(p)
-    return {"done": len(todo), "merged": merged, "seconds": seconds,
+    merged = [p for p in gt.drop_fractions if _merge(run, p, gt.num_subsets, identities, fingerprint, gt.seed)]
+    return {"done": len(todo), "redone": redone, "merged": merged, "seconds": seconds,
             "per_minute": 60 * len(todo) / seconds if todo and seconds > 0 else None,
             "total": len(gt.drop_fractions) * gt.num_subsets, "workers": workers}
+
+
+def _merge(run, p, m, identities, fingerprint, seed) -> bool:
+    """Write outputs_<o>.npy (m, n_test) of drop fraction p once all m subsets are valid."""
+    import numpy as np
+
+    from magic_cli.run_dir import load_npz, npy_bytes, save_artifact, sha256_bytes, status, verify
+
+    if any(status(run.subset(p, k), identities[(p, k)]) != "ok" for k in range(m)):
+        return False
+    digests = [verify(run.subset(p, k), identities[(p, k)])["sha256"] for k in range(m)]
+    meta = {**merged_identity(fingerprint, seed, p), "num_subsets": m,
+            "subsets": sha256_bytes("".join(digests).encode())[:16]}
+    if all(status(run.ground_truth_outputs(p, o), meta) == "ok" for o in OUTPUTS):
+        return True
+    subsets = [load_npz(run.subset(p, k)) for k in range(m)]
+    for o in OUTPUTS:
+        save_artifact(run.ground_truth_outputs(p, o), npy_bytes(np.stack([s[o] for s in subsets])), meta)
+    return True
+
+
+def load_ground_truth(run, config, fingerprint: str, p: float, output: str, n_train: int):
+    """(masks bool (m, N), outputs (m, n_test)) of drop fraction p, verified against the run and
+    config.ground_truth; None if nothing was retrained for p; StageError saying what to run."""
+    from magic_cli.errors import ArtifactError
+    from magic_cli.run_dir import load_npy, verify
+
+    gt, path = config.ground_truth, run.ground_truth_outputs(p, output)
+    folder = run.ground_truth_dir(p)
+    if not path.exists():
+        if not any(folder.glob("subset_*.npz")):
+            return None
+        raise StageError(f"ground truth for drop {p:g} is incomplete: run `magic retrain-ground-truth` to finish it")
+    try:
+        side = verify(path, merged_identity(fingerprint, gt.seed, p))
+    except ArtifactError as e:
+        raise StageError(f"{e}: rerun `magic retrain-ground-truth` to rebuild it") from None
+    if side["num_subsets"] < gt.num_subsets:
+        raise StageError(f"{folder} has {side['num_subsets']} retrainings but ground_truth.num_subsets="
+                         f"{gt.num_subsets}: run `magic retrain-ground-truth` to add the rest")
+    masks = make_masks(n_train, p, gt.num_subsets, gt.seed)
+    return masks, load_npy(path)[:gt.num_subsets]
 
 
 def _run_tasks(config, tasks: list[Task], workers: int):
@@ -160,9 +235,3 @@ def _run_tasks(config, tasks: list[Task], workers: int):
 
     with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(config.raw,)) as pool:
         yield from pool.imap_unordered(_retrain, tasks)
-
-
-def run_metrics(run) -> dict:
-    from magic_cli.run_dir import load_json
-
-    return load_json(run.metrics_json)

@@ -19,14 +19,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from magic_cli.train import OUTPUT_FUNCTIONS, Problem, TrainState, load_checkpoints, states_equal, unflatten_state
+from magic_cli.errors import NonDeterminismError, NonFiniteError
+from magic_cli.train import OUTPUT_FUNCTIONS, Problem, TrainState, states_equal
 
 
-class NonDeterminismError(RuntimeError):
-    """A recomputed training state differs from the one `train` stored."""
-
-
-class NonFiniteAdjointError(RuntimeError):
+class NonFiniteAdjointError(NonFiniteError):
     """The adjoint became NaN or Inf during the reverse pass."""
 
 
@@ -156,13 +153,3 @@ def _grad_vjp_autograd(problem: Problem, state: TrainState, batch, w):
 
     detach = lambda d: {k: v.detach() for k, v in d.items()}  # noqa: E731
     return detach(grads), detach(new_buffers), grad_vjp
-
-
-def load_final_and_stored(problem: Problem, run) -> tuple[TrainState, dict]:
-    from magic_cli.run_dir import load_tensors
-
-    template = problem.init_state()
-    final = unflatten_state({k: v.to(problem.device) for k, v in load_tensors(run.final_state).items()},
-                            template)
-    return final, load_checkpoints(run.checkpoints, template, problem.device)
-

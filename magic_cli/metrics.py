@@ -1,8 +1,9 @@
 """LDS and friends as pure array functions (scipy for the statistics).
 
-For test example j and masks k = 1..m (True = kept):
-    predicted_k = - sum_{i dropped by k} scores[i, j]        (the linear prediction of the change)
-    actual_k    = f_j(mask_k) - f_j(1)                        (retraining minus the full run)
+For test example j and masks k = 1..m (True = kept), with the run's data weights w0
+(train.data_weights; ones by default) and retraining k trained on w0 * mask_k:
+    predicted_k = tau_j^T (w0 * mask_k - w0) = - sum_{i dropped by k} w0_i * scores[i, j]
+    actual_k    = f_j(w0 * mask_k) - f_j(w0)                  (retraining minus the full run)
 LDS_j = Spearman(predicted, actual); also Pearson and the slope of actual on predicted (1 when
 the predictions are on the right scale). LDS = mean over test examples, with a bootstrap CI.
 """
@@ -12,9 +13,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def predicted_change(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """(m, J): -sum of the dropped examples' scores. scores (N, J), masks bool (m, N)."""
+def predicted_change(scores: np.ndarray, masks: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """(m, J): minus the weighted sum of the dropped examples' scores.
+
+    scores (N, J) = d f_j / d w_i at w0, masks bool (m, N), weights w0 (N,) (None = ones)."""
     dropped = (~masks).astype(np.float64)
+    if weights is not None:
+        dropped = dropped * np.asarray(weights, dtype=np.float64)[None, :]
     return -(dropped @ scores.astype(np.float64))
 
 

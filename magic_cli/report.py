@@ -14,41 +14,57 @@ from __future__ import annotations
 import numpy as np
 
 from magic_cli.metrics import mean_with_ci, per_test_correlations, predicted_change
-from magic_cli.run_dir import RunDir, StageError, load_json, load_npy, save_bytes, save_json, save_text
+from magic_cli.run_dir import RunDir, StageError, load_npy, save_bytes, save_json, save_text
 
 SCATTER_IDS = 4  # test ids per scatter plot
 
 
 def score_stage(config, run: RunDir) -> dict:
     """Compute LDS for every method x drop fraction with ground truth; write report/; return summary."""
+    with run.lock(exclusive=False):
+        run.clean(exclusive=False)
+        record = run.require_trained(config)
+        return _score(config, run, record)
+
+
+def _score(config, run: RunDir, record: dict) -> dict:
     import pandas as pd
 
-    run.require_trained(config)
-    output = config.attribute.output
+    from magic_cli.attribute import load_scores
+    from magic_cli.ground_truth import load_ground_truth
+    from magic_cli.run_dir import verify
+    from magic_cli.train import REPAIR, load_data_weights
+
+    output, fingerprint = config.attribute.output, record["fingerprint"]
     methods = run.methods_present()
     if not methods:
         raise StageError(f"no attribution in {run.root}: run `magic attribute --test-ids 0:50` first")
-    drops = [p for p in config.ground_truth.drop_fractions if run.ground_truth_outputs(p, output).is_file()]
-    if not drops:
+    n_train = int(record["metrics"]["n_train"])
+    truth = {}
+    for p in config.ground_truth.drop_fractions:
+        loaded = load_ground_truth(run, config, fingerprint, p, output, n_train)
+        if loaded is not None:
+            truth[p] = loaded
+    if not truth:
         raise StageError(f"no complete ground truth in {run.root}: run `magic retrain-ground-truth` first")
-    base = load_npy(run.train_outputs(output))  # f_j(1): (n_test,)
+    verify(run.train_outputs(output), {"fingerprint": fingerprint}, REPAIR)
+    base = load_npy(run.train_outputs(output))  # f_j(w0): (n_test,)
+    # The prediction for retraining on w0 * mask is tau^T (w0 * mask - w0): the dropped examples'
+    # scores weighted by their training weights (ones unless train.data_weights).
+    w0 = load_data_weights(config.train.data_weights, n_train) if config.train.data_weights else None
 
     rows, summary, scatter_data, seconds = [], {}, {}, {}
     for method in methods:
-        side = load_json(run.scores_json(method))
-        if side.get("fingerprint") != config.fingerprint():
-            raise StageError(f"attribute/{method} was computed for another training run; rerun `magic attribute "
-                             f"--method {method} --overwrite`")
+        scores, side = load_scores(run, method, fingerprint)
         if side.get("output") != output:
             raise StageError(f"attribute/{method} scores the {side.get('output')} output but attribute.output="
                              f"{output}; rerun `magic attribute` with attribute.output={output}")
-        scores, ids = load_npy(run.scores_npy(method)), list(side["test_ids"])
+        ids = list(side["test_ids"])
         seconds[method] = side.get("seconds")
         summary[method] = {}
-        for p in drops:
-            masks = load_npy(run.masks(p))
-            actual = load_npy(run.ground_truth_outputs(p, output))[:, ids] - base[ids]  # (m, J)
-            predicted = predicted_change(scores, masks)  # (m, J)
+        for p, (masks, outputs) in truth.items():
+            actual = outputs[:, ids] - base[ids]  # (m, J)
+            predicted = predicted_change(scores, masks, w0)  # (m, J)
             corr = per_test_correlations(predicted, actual)
             for j, test_id in enumerate(ids):
                 rows.append({"method": method, "drop": p, "test_id": test_id,
@@ -62,9 +78,11 @@ def score_stage(config, run: RunDir) -> dict:
             scatter_data[(method, p)] = (predicted[:, :SCATTER_IDS], actual[:, :SCATTER_IDS], ids[:SCATTER_IDS])
 
     table = pd.DataFrame(rows)
+    drops = list(truth)
     result = {"lds": summary, "seconds": seconds, "output": output, "drop_fractions": drops,
-              "methods": methods, "fingerprint": config.fingerprint(),
-              "test_accuracy": load_json(run.metrics_json)["test_accuracy"]}
+              "missing_drop_fractions": [p for p in config.ground_truth.drop_fractions if p not in truth],
+              "methods": methods, "fingerprint": fingerprint,
+              "test_accuracy": record["metrics"]["test_accuracy"]}
     out = run.report_dir
     save_text(out / "lds.csv", table.to_csv(index=False))
     save_json(out / "summary.json", result)
@@ -118,7 +136,7 @@ def _figure_bytes(fig) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=120, metadata={"Software": None})
     plt.close(fig)
     return buf.getvalue()
 
@@ -134,7 +152,7 @@ def _pyplot():
 
 def _plot_lds(result: dict) -> bytes:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
     for method, per_drop in result["lds"].items():
         ps = [float(p) for p in per_drop]
         mean = [s["mean"] for s in per_drop.values()]
@@ -152,7 +170,7 @@ def _plot_lds(result: dict) -> bytes:
 
 def _plot_scatter(method: str, p: float, predicted, actual, ids) -> bytes:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(ids), figsize=(3.2 * len(ids), 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(ids), figsize=(3.2 * len(ids), 3.2), squeeze=False, layout="constrained")
     for ax, j, test_id in zip(axes[0], range(len(ids)), ids):
         x, y = predicted[:, j], actual[:, j]
         ax.scatter(x, y, s=8)

@@ -1,41 +1,61 @@
-"""The run directory: every artifact path of a run, atomic saves, loads, and stage guards.
+"""The run directory: every artifact path of a run, atomic saves, verified loads, the run
+marker and the run lock.
 
-    config.yaml overrides.txt meta.json
-    train/        fingerprint.json metrics.json checkpoints.pt final.pt outputs_{loss,margin}.npy
+    magic-run.json  config.yaml overrides.txt meta.json
+    train/        fingerprint.json  metrics.json  final.pt  checkpoints_<tag>.pt  outputs_{loss,margin}.npy
     attribute/<method>/  settings.json  test_<id>.npy  scores.npy  scores.json
     ground_truth/drop_<p>/  masks.npy  subset_<k>.npz  outputs_{loss,margin}.npy
     report/       lds.csv summary.json report.md lds_vs_drop.png scatter_<method>_<p>.png
 
-Every write goes to a temporary file in the same folder and is moved into place with
-os.replace, so a killed command never leaves a torn file and a rerun resumes.
-Tensors are loaded with weights_only=True only; nothing is pickled.
+Integrity (DESIGN.md §8):
+- Every write goes to a temporary file in the same folder and is moved into place with
+  os.replace, so a killed command never leaves a torn file.
+- Every binary artifact X.ext has a sidecar X.json, written after it, holding its sha256 and
+  the fingerprint of the run it belongs to (plus what else identifies it: a test id, a mask).
+  `verify` checks both on every load; a missing sidecar means the write did not finish. If two
+  writers race on one artifact the digest no longer matches and it is recomputed, never used.
+- A folder becomes a run directory only if it is new or empty; it then carries MARKER, and
+  nothing is ever written into or deleted from a folder without it.
+- `lock`: `train` holds the run exclusively, the later stages share it, so a retraining can
+  never replace a run under a stage that is reading or writing it.
+Tensors are loaded with weights_only=True only; nothing is pickled or imported.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import os
+import shutil
+import socket
 import tempfile
+import uuid
 from pathlib import Path
 
+from magic_cli.errors import ArtifactError, StageError  # noqa: F401  (StageError is re-exported)
 
-class StageError(RuntimeError):
-    """A stage cannot run on this run directory (missing or mismatched earlier stage)."""
-
+MARKER = "magic-run.json"
+FORMAT = 2  # run directory layout version; runs of another format are refused
+LOCK = ".lock"
+TRASH = ".trash"
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_TMP_TAG = f"{socket.gethostname()}~{os.getpid()}"  # in temporary names: who is writing
 
 
-def _atomic_write(path: Path, write) -> Path:
+# --- atomic writes --------------------------------------------------------------------------
+
+def _atomic_write(path: Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}~{_TMP_TAG}~", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -46,37 +66,58 @@ def _atomic_write(path: Path, write) -> Path:
 
 
 def save_bytes(path, data: bytes) -> Path:
-    return _atomic_write(path, lambda f: f.write(data))
+    return _atomic_write(path, data)
 
 
 def save_text(path, text: str) -> Path:
     return save_bytes(path, text.encode())
 
 
+def json_text(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def save_json(path, obj) -> Path:
-    return save_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    return save_text(path, json_text(obj))
 
 
 def load_json(path):
     return json.loads(Path(path).read_text())
 
 
-def save_npy(path, array) -> Path:
+def npy_bytes(array) -> bytes:
     import numpy as np
 
-    return _atomic_write(path, lambda f: np.save(f, np.asarray(array), allow_pickle=False))
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npz_bytes(**arrays) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def tensors_bytes(tensors: dict) -> bytes:
+    """A flat dict of str -> Tensor as torch.save bytes (loadable with weights_only=True)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buf)
+    return buf.getvalue()
+
+
+def save_npy(path, array) -> Path:
+    return save_bytes(path, npy_bytes(array))
 
 
 def load_npy(path, mmap: bool = False):
     import numpy as np
 
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-
-
-def save_npz(path, **arrays) -> Path:
-    import numpy as np
-
-    return _atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_npz(path) -> dict:
@@ -87,18 +128,128 @@ def load_npz(path) -> dict:
 
 
 def save_tensors(path, tensors: dict) -> Path:
-    """A flat dict of str -> Tensor, saved with torch.save (loadable with weights_only=True)."""
-    import torch
-
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buf)
-    return save_bytes(path, buf.getvalue())
+    return save_bytes(path, tensors_bytes(tensors))
 
 
 def load_tensors(path, mmap: bool = False) -> dict:
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+# --- artifacts: a file and its sidecar ----------------------------------------------------------
+
+def sidecar(path) -> Path:
+    """X.npy -> X.json: the digest and identity of an artifact."""
+    path = Path(path)
+    return path.with_name(path.stem + ".json")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_artifact(path, data: bytes, meta: dict) -> dict:
+    """Write `data` to path, then its sidecar {sha256, bytes, **meta}; return the sidecar record."""
+    record = {**meta, "file": Path(path).name, "sha256": sha256_bytes(data), "bytes": len(data)}
+    save_bytes(path, data)
+    save_json(sidecar(path), record)
+    return record
+
+
+def _rel(path: Path) -> str:
+    """A path as the user should see it in a message."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def verify(path, expect: dict | None = None, what: str = "") -> dict:
+    """The sidecar record of a complete, undamaged artifact of the expected identity.
+
+    Raises ArtifactError (reason missing | incomplete | damaged | stale) naming the file.
+    `expect`: sidecar keys and the values they must have (e.g. the run's fingerprint).
+    """
+    path = Path(path)
+    hint = f"; {what}" if what else ""
+    if not path.is_file():
+        raise ArtifactError(f"{_rel(path)} is missing{hint}", "missing")
+    try:
+        record = load_json(sidecar(path))
+        if not isinstance(record, dict) or "sha256" not in record:
+            raise ValueError
+    except FileNotFoundError:
+        raise ArtifactError(f"{_rel(path)} was not finished (no {sidecar(path).name}){hint}", "incomplete") from None
+    except ValueError:
+        raise ArtifactError(f"{_rel(sidecar(path))} is damaged (not a sidecar record){hint}", "damaged") from None
+    if record.get("bytes") != path.stat().st_size or sha256_file(path) != record["sha256"]:
+        raise ArtifactError(f"{_rel(path)} is damaged (its sha256 does not match {sidecar(path).name}){hint}",
+                            "damaged")
+    for key, value in (expect or {}).items():
+        if record.get(key) != value:
+            raise ArtifactError(f"{_rel(path)} belongs to another run or setting ({key}: {record.get(key)} "
+                                f"-> {value}){hint}", "stale")
+    return record
+
+
+def status(path, expect: dict | None = None) -> str:
+    """'ok' or the ArtifactError reason, without raising."""
+    try:
+        verify(path, expect)
+        return "ok"
+    except ArtifactError as e:
+        return e.reason
+
+
+def remove_artifact(path) -> None:
+    Path(path).unlink(missing_ok=True)
+    sidecar(path).unlink(missing_ok=True)
+
+
+def save_record(path, record: dict) -> dict:
+    """A JSON artifact that carries its own digest (of its canonical content)."""
+    body = {k: v for k, v in record.items() if k != "sha256"}
+    record = {**body, "sha256": sha256_bytes(json.dumps(body, sort_keys=True, default=str).encode())}
+    save_json(path, record)
+    return record
+
+
+def load_record(path, what: str = "") -> dict:
+    """Load a save_record JSON; ArtifactError if missing, torn or altered."""
+    path = Path(path)
+    hint = f"; {what}" if what else ""
+    if not path.is_file():
+        raise ArtifactError(f"{_rel(path)} is missing{hint}", "missing")
+    try:
+        record = load_json(path)
+        body = {k: v for k, v in record.items() if k != "sha256"}
+        ok = record.get("sha256") == sha256_bytes(json.dumps(body, sort_keys=True, default=str).encode())
+    except (ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise ArtifactError(f"{_rel(path)} is damaged{hint}", "damaged")
+    return record
+
+
+# --- the run directory --------------------------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class RunDir:
@@ -108,6 +259,10 @@ class RunDir:
         self.root = Path(root)
 
     # top level
+    @property
+    def marker(self) -> Path:
+        return self.root / MARKER
+
     @property
     def config_yaml(self) -> Path:
         return self.root / "config.yaml"
@@ -127,15 +282,15 @@ class RunDir:
 
     @property
     def fingerprint_json(self) -> Path:
+        """The finished-training record (fingerprint, config slice, metrics); written last."""
         return self.train_dir / "fingerprint.json"
 
     @property
     def metrics_json(self) -> Path:
         return self.train_dir / "metrics.json"
 
-    @property
-    def checkpoints(self) -> Path:
-        return self.train_dir / "checkpoints.pt"
+    def checkpoints(self, tag: str) -> Path:
+        return self.train_dir / f"checkpoints_{tag}.pt"
 
     @property
     def final_state(self) -> Path:
@@ -158,7 +313,7 @@ class RunDir:
         return self.attribute_dir(method) / "scores.npy"
 
     def scores_json(self, method: str) -> Path:
-        return self.attribute_dir(method) / "scores.json"
+        return sidecar(self.scores_npy(method))
 
     def methods_present(self) -> list[str]:
         base = self.root / "attribute"
@@ -182,17 +337,105 @@ class RunDir:
     def report_dir(self) -> Path:
         return self.root / "report"
 
-    # guards
+    # --- ownership, locking, cleaning ---------------------------------------------------------
+
+    def claim(self) -> None:
+        """Make `root` a run directory, or check that it is one, before anything is written there.
+
+        A folder that exists and holds anything without the marker is refused: magic never
+        writes over or deletes files it did not make.
+        """
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise StageError(f"out_dir {_rel(root)} is a file, not a folder; choose another out_dir")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise StageError(f"out_dir {_rel(root)} lies under a file; choose another out_dir") from None
+        if self.marker.is_file():
+            self.check_marker()
+            return
+        if any(root.iterdir()):
+            raise StageError(f"out_dir {_rel(root)} is not empty and is not a magic run directory (no {MARKER}); "
+                             "choose another out_dir")
+        save_json(self.marker, {"magic_run": True, "format": FORMAT})
+
+    def check_marker(self) -> None:
+        """The folder is a run directory of this layout version (stages that only read or add)."""
+        if not self.marker.is_file():
+            if self.root.is_dir() and any(self.root.iterdir()):
+                raise StageError(f"{_rel(self.root)} is not a magic run directory (no {MARKER}); check out_dir")
+            raise StageError(f"no finished training run in {_rel(self.root)}: run `magic train` with the same "
+                             "overrides first")
+        try:
+            info = load_json(self.marker)
+            fmt = info.get("format")
+        except (ValueError, AttributeError):
+            raise StageError(f"{_rel(self.marker)} is damaged; it marks {_rel(self.root)} as a run directory: "
+                             "restore it or choose another out_dir") from None
+        if fmt != FORMAT:
+            raise StageError(f"{_rel(self.root)} was made by another version of magic (format {fmt}, this is "
+                             f"{FORMAT}); train again with --overwrite or choose another out_dir")
+
     def require_trained(self, config) -> dict:
-        """Check that `train` ran here with the same training config; return its fingerprint record."""
-        if not self.fingerprint_json.is_file() or not self.final_state.is_file():
-            raise StageError(f"no finished training run in {self.root}: run `magic train` with the "
-                             "same overrides first")
+        """The finished-training record of this run, checked against the config's fingerprint."""
         from magic_cli.config import diff_keys
 
-        record = load_json(self.fingerprint_json)
+        self.check_marker()
+        if not self.fingerprint_json.is_file():
+            raise StageError(f"no finished training run in {_rel(self.root)}: run `magic train` with the "
+                             "same overrides first")
+        record = load_record(self.fingerprint_json, "run `magic train` with the same overrides to repair the run")
         if record["fingerprint"] != config.fingerprint():
             diffs = diff_keys(record["slice"], config.training_slice())
-            raise StageError(f"the run in {self.root} was trained with a different config "
+            raise StageError(f"the run in {_rel(self.root)} was trained with a different config "
                              f"({'; '.join(diffs)}); use the training overrides or another out_dir")
         return record
+
+    @contextlib.contextmanager
+    def lock(self, exclusive: bool):
+        """Hold the run: exclusively (train, after claim) or shared (every later stage, on a run
+        directory only). Never waits."""
+        import fcntl
+
+        if not exclusive:
+            self.check_marker()
+
+        try:
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except FileNotFoundError:
+            raise StageError(f"no finished training run in {_rel(self.root)}: run `magic train` with the same "
+                             "overrides first") from None
+        try:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if exclusive:
+                    raise StageError(f"another magic command is using {_rel(self.root)}; wait for it to finish "
+                                     "(or stop it) before training here") from None
+                raise StageError(f"magic train is writing {_rel(self.root)}; wait for it to finish") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def clean(self, exclusive: bool) -> None:
+        """Remove what killed commands left: temporary files (all of them when holding the run
+        exclusively, else those of dead processes on this host) and the trash of an --overwrite."""
+        host = socket.gethostname()
+        for tmp in self.root.rglob(".*~*~*~*.tmp"):
+            _, name, pid, _ = tmp.name.rsplit("~", 3)
+            dead = name == host and pid.isdigit() and not _pid_alive(int(pid))
+            if exclusive or dead:
+                tmp.unlink(missing_ok=True)
+        if exclusive and (self.root / TRASH).exists():
+            shutil.rmtree(self.root / TRASH, ignore_errors=True)
+
+    def clear(self) -> None:
+        """Delete the run's results (with the run held exclusively). train/ goes first, in one
+        rename, so an interrupted clear leaves no finished training next to older results."""
+        trash = self.root / TRASH
+        trash.mkdir(exist_ok=True)
+        for sub in ("train", "attribute", "ground_truth", "report"):
+            if (self.root / sub).exists():
+                os.replace(self.root / sub, trash / f"{sub}-{uuid.uuid4().hex}")
+        shutil.rmtree(trash, ignore_errors=True)

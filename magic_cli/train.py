@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from magic_cli.config import Config
+from magic_cli.errors import ArtifactError, ConfigError, NonDeterminismError, NonFiniteError, StageError
 
 
 class TrainState(NamedTuple):
@@ -103,7 +104,6 @@ class Problem:
 
     @classmethod
     def build(cls, config: Config) -> "Problem":
-        import numpy as np
         import torch
 
         from magic_cli.data import batch_schedule, load_dataset
@@ -115,18 +115,14 @@ class Problem:
         ds = load_dataset(config.dataset, config.seed, dtype)
         for name in ("x_train", "y_train", "x_test", "y_test"):
             setattr(ds, name, getattr(ds, name).to(device))
-        model = build_model(config.model, ds.input_shape, ds.n_classes)
+        model = build_model(config.model, ds)
         tc = config.train
         schedule = batch_schedule(ds.n_train, tc.batch_size, tc.epochs, config.seed)
         optimizer = build_optimizer(config.optimizer, int(schedule.shape[0]))
         if tc.data_weights is None:
             weights = torch.ones(ds.n_train, dtype=dtype, device=device)
         else:
-            w = np.load(tc.data_weights, allow_pickle=False)
-            if not isinstance(w, np.ndarray) or w.shape != (ds.n_train,):
-                raise ValueError(f"train.data_weights must be a .npy of {ds.n_train} weights, got "
-                                 f"{getattr(w, 'shape', 'an .npz archive')}")
-            weights = torch.as_tensor(w, dtype=dtype, device=device)
+            weights = torch.as_tensor(load_data_weights(tc.data_weights, ds.n_train), dtype=dtype, device=device)
         grad_fn = make_grad_fn(model, tc.batch_size, tc.loss_reduction)
         step = make_train_step(grad_fn, optimizer)
         return cls(config, ds, model, optimizer, schedule, weights, grad_fn, step, device, dtype)
@@ -152,8 +148,10 @@ class Problem:
         w = self.weights if weights is None else weights
         return self.train_step(state, self.batch(t), w[self.schedule[t].to(self.device)])
 
-    def run(self, weights=None, keep: set | frozenset = frozenset(), progress=None):
-        """Train from s_0; return (final state, {t: s_t for t in keep}, seconds of the loop)."""
+    def run(self, weights=None, keep: set | frozenset = frozenset(), progress=None, check=None):
+        """Train from s_0; return (final state, {t: s_t for t in keep}, seconds of the loop).
+
+        check(t, s_t), if given, sees every state t = 0..T (e.g. to compare with stored ones)."""
         import torch
 
         state, kept = self.init_state(), {}
@@ -162,12 +160,16 @@ class Problem:
             for t in range(self.total_steps):
                 if t in keep:
                     kept[t] = state
+                if check is not None:
+                    check(t, state)
                 state = self.step(state, t, weights)
                 if progress is not None:
                     progress(t + 1)
         seconds = time.perf_counter() - start
         if self.total_steps in keep:
             kept[self.total_steps] = state
+        if check is not None:
+            check(self.total_steps, state)
         return state, kept, seconds
 
     def outputs(self, state: TrainState, x=None, y=None, chunk: int = 1024) -> dict:
@@ -188,6 +190,23 @@ class Problem:
                 correct = (logits.argmax(-1) == ys).double().reshape(ys.shape[0], -1).mean(1)  # token mean for LMs
                 parts["correct"].append(correct.cpu().numpy())
         return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def load_data_weights(path: str, n_train: int):
+    """train.data_weights: a .npy of n_train finite, non-negative numbers -> float64 (N,)."""
+    import numpy as np
+
+    try:
+        w = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"train.data_weights: {path} is not a readable .npy file ({e})") from None
+    if not isinstance(w, np.ndarray) or w.shape != (n_train,) or w.dtype.kind not in "biuf":
+        raise ConfigError(f"train.data_weights must be a .npy of {n_train} weights, got "
+                          f"{getattr(w, 'shape', 'an .npz archive')}")
+    w = w.astype(np.float64)
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ConfigError(f"train.data_weights: {path} holds NaN, Inf or negative weights")
+    return w
 
 
 # --- state <-> flat tensor dict (checkpoint files) -----------------------------------------
@@ -226,22 +245,27 @@ def states_equal(a: TrainState, b: TrainState) -> bool:
     return fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
-# --- the `magic train` stage ---------------------------------------------------------------
+# --- checkpoint files ------------------------------------------------------------------------
 
-def save_checkpoints(path, states: dict) -> None:
-    """Stack the stored states {t: state} into one tensor dict: 'steps' (n,) + each leaf (n, ...)."""
+def checkpoint_tag(strategy: str, k: int) -> str:
+    """The name of a strategy's checkpoint file: all | sqrt | replay<k>."""
+    return f"replay{k}" if strategy == "replay" else strategy
+
+
+def checkpoints_bytes(states: dict) -> bytes:
+    """The stored states {t: state} stacked into one tensor dict: 'steps' (n,) + each leaf (n, ...)."""
     import torch
 
-    from magic_cli.run_dir import save_tensors
+    from magic_cli.run_dir import tensors_bytes
 
     steps = sorted(states)
     flats = [flatten_state(states[t]) for t in steps]
     stacked = {k: torch.stack([f[k] for f in flats]) for k in flats[0]}
-    save_tensors(path, {"steps": torch.tensor(steps), **stacked})
+    return tensors_bytes({"steps": torch.tensor(steps), **stacked})
 
 
 def load_checkpoints(path, template: TrainState, device) -> dict:
-    """{t: loader} for the states of save_checkpoints; the file is memory-mapped, each state
+    """{t: loader} for the states of checkpoints_bytes; the file is memory-mapped, each state
     is materialised on `device` only when its loader is called."""
     from magic_cli.run_dir import load_tensors
 
@@ -254,8 +278,98 @@ def load_checkpoints(path, template: TrainState, device) -> dict:
     return {t: loader(i) for i, t in enumerate(steps)}
 
 
-def train_stage(config: Config, run, overrides: list[str], progress_factory=None) -> dict:
-    """Train, write every artifact of train/ atomically, and return the metrics."""
+def load_state(problem: Problem, path) -> TrainState:
+    from magic_cli.run_dir import load_tensors
+
+    flat = load_tensors(path)
+    return unflatten_state({k: v.to(problem.device) for k, v in flat.items()}, problem.init_state())
+
+
+REPAIR = "run `magic train` with the same overrides to repair it"
+
+
+def load_final_and_stored(problem: Problem, run, record: dict) -> tuple[TrainState, dict]:
+    """The verified final state and the verified checkpoints of config.checkpoint, derived from
+    the states `train` stored when this strategy's file does not exist yet."""
+    from magic_cli.run_dir import verify
+
+    expect = {"fingerprint": record["fingerprint"]}
+    verify(run.final_state, expect, REPAIR)
+    final = load_state(problem, run.final_state)
+    ck = problem.config.checkpoint
+    path = run.checkpoints(checkpoint_tag(ck.name, ck.k))
+    if not path.exists():
+        derive_checkpoints(problem, run, record, final)
+    verify(path, expect, REPAIR)
+    return final, load_checkpoints(path, problem.init_state(), problem.device)
+
+
+def derive_checkpoints(problem: Problem, run, record: dict, final: TrainState, progress=None) -> None:
+    """Write the checkpoints of config.checkpoint by replaying training from s_0, checking every
+    state against those `train` stored (and the final one) bit for bit."""
+    from magic_cli.replay import root_boundaries
+    from magic_cli.run_dir import save_artifact, verify
+
+    source = run.checkpoints(record["checkpoint_tag"])
+    verify(source, {"fingerprint": record["fingerprint"]}, REPAIR)
+    stored = load_checkpoints(source, problem.init_state(), problem.device)
+    ck, T = problem.config.checkpoint, problem.total_steps
+    keep = set(root_boundaries(ck.name, T, ck.k))
+
+    def check(t, state):
+        expected = final if t == T else stored[t]() if t in stored else None
+        if expected is not None and not states_equal(state, expected):
+            raise NonDeterminismError(f"training is not deterministic here: the state after step {t} differs from "
+                                      f"the one in {source.name}; checkpoints for checkpoint={ck.name} cannot be "
+                                      "derived")
+
+    _, kept, _ = problem.run(keep=keep, progress=progress, check=check)
+    save_artifact(run.checkpoints(checkpoint_tag(ck.name, ck.k)), checkpoints_bytes({t: kept[t] for t in keep}),
+                  {"fingerprint": record["fingerprint"], "steps": sorted(keep)})
+
+
+# --- the `magic train` stage ---------------------------------------------------------------
+
+def train_stage(config: Config, run, overrides: list[str], overwrite: bool = False, progress_factory=None) -> dict:
+    """Train and write train/, or verify a finished run and redo exactly what is missing or damaged.
+
+    Returns the metrics, with "status": trained | already | repaired and "repaired": [file names].
+    Every artifact is written with its sidecar (sha256, fingerprint); the record
+    train/fingerprint.json is written last and marks a finished run. An intact artifact is never
+    rewritten: a retraining that would produce other bytes is refused as non-deterministic.
+    """
+    from magic_cli.run_dir import load_record, status
+
+    run.claim()
+    with run.lock(exclusive=True):
+        run.clean(exclusive=True)
+        fingerprint = config.fingerprint()
+        record = None
+        if run.fingerprint_json.exists():
+            try:
+                record = load_record(run.fingerprint_json)
+            except ArtifactError:
+                record = None  # a damaged record is rewritten below, once training is checked again
+        if overwrite:
+            run.clear()
+            record = None
+        elif record is not None and record["fingerprint"] != fingerprint:
+            raise StageError(f"{run.root} holds a run trained with a different config; choose another name=/out_dir= "
+                             "or pass --overwrite (which deletes its attributions and ground truth)")
+        tag = checkpoint_tag(config.checkpoint.name, config.checkpoint.k)
+        names = sorted({*(record["files"] if record else []), run.final_state.name, run.checkpoints(tag).name,
+                        *(run.train_outputs(o).name for o in OUTPUT_FUNCTIONS)})
+        expect = {"fingerprint": fingerprint}
+        states = {name: status(run.train_dir / name, expect) for name in names}
+        if not overwrite and "stale" in states.values():
+            raise StageError(f"{run.root} holds files of a run trained with a different config; choose another "
+                             "out_dir or pass --overwrite")
+        if record is not None and all(s == "ok" for s in states.values()):
+            return {**record["metrics"], "status": "already", "repaired": []}
+        return _train_and_write(config, run, overrides, record, names, states, progress_factory)
+
+
+def _train_and_write(config, run, overrides, record, names, states, progress_factory) -> dict:
     import numpy as np
 
     from magic_cli.config import to_yaml
@@ -263,38 +377,89 @@ def train_stage(config: Config, run, overrides: list[str], progress_factory=None
     from magic_cli.meta import run_meta
     from magic_cli.progress import no_progress
     from magic_cli.replay import root_boundaries
-    from magic_cli.run_dir import save_json, save_npy, save_tensors, save_text
+    from magic_cli.run_dir import (
+        load_json,
+        npy_bytes,
+        save_artifact,
+        save_json,
+        save_record,
+        save_text,
+        sha256_bytes,
+        sidecar,
+        tensors_bytes,
+    )
 
     determinism = enable_determinism(config.device, config.threads)
     problem = Problem.build(config)
-    T = problem.total_steps
-    keep = set(root_boundaries(config.checkpoint.name, T, config.checkpoint.k))
+    T, fingerprint = problem.total_steps, config.fingerprint()
+    tags = {n[len("checkpoints_"):-len(".pt")] for n in names if n.startswith("checkpoints_")}
+    boundaries = {tag: set(root_boundaries(_strategy_of(tag)[0], T, _strategy_of(tag)[1])) for tag in tags}
     with (progress_factory or no_progress)("train", T) as advance:
-        final, kept, seconds = problem.run(keep=keep, progress=advance)
+        final, kept, seconds = problem.run(keep=set().union(*boundaries.values()), progress=advance)
     ds = problem.dataset
     outputs = problem.outputs(final)
     train_out = problem.outputs(final, ds.x_train, ds.y_train)
-    metrics = {
-        "test_accuracy": float(np.mean(outputs.pop("correct"))),
+    _check_converged(problem, final, train_out)
+    data = {run.final_state.name: tensors_bytes(flatten_state(final)),
+            **{run.train_outputs(o).name: npy_bytes(outputs[o]) for o in OUTPUT_FUNCTIONS},
+            **{run.checkpoints(tag).name: checkpoints_bytes({t: kept[t] for t in sorted(b)})
+               for tag, b in boundaries.items()}}
+    repaired = []
+    for name in names:
+        path = run.train_dir / name
+        if states[name] == "ok":  # intact: the deterministic retraining must reproduce it exactly
+            if load_json(sidecar(path))["sha256"] != sha256_bytes(data[name]):
+                raise NonDeterminismError(f"training is not deterministic here: retraining gives another {path.name} "
+                                          f"than the one stored in {run.train_dir}")
+            continue
+        if states[name] != "missing" or record is not None:
+            repaired.append(name)
+        save_artifact(path, data[name], {"fingerprint": fingerprint})
+    seconds_now = {"train_seconds": seconds}
+    metrics = record["metrics"] if record is not None else {
+        "test_accuracy": float(np.mean(outputs["correct"])),
         "train_accuracy": float(np.mean(train_out["correct"])),
         "test_loss": float(np.mean(outputs["loss"])),
         "train_loss": float(np.mean(train_out["loss"])),
         "steps": T,
         "n_train": ds.n_train,
         "n_test": ds.n_test,
-        "train_seconds": seconds,
-        "checkpoint": config.checkpoint.name,
-        "stored_states": len(kept),
-    }
+    }  # deterministic: the record holds no timing (metrics.json does)
     save_text(run.config_yaml, to_yaml(config.raw))
     save_text(run.overrides_txt, "".join(f"{o}\n" for o in overrides))
     save_json(run.meta_json, run_meta(config, determinism))
-    save_checkpoints(run.checkpoints, kept)
-    save_tensors(run.final_state, flatten_state(final))
-    for name, values in outputs.items():
-        save_npy(run.train_outputs(name), values)
-    save_json(run.metrics_json, metrics)
+    save_json(run.metrics_json, {**metrics, **seconds_now})
     # Written last: its presence marks a finished training run.
-    save_json(run.fingerprint_json, {"fingerprint": config.fingerprint(), "slice": config.training_slice(),
-                                     "steps": T, "stored_steps": sorted(kept)})
-    return metrics
+    save_record(run.fingerprint_json, {
+        "fingerprint": fingerprint, "slice": config.training_slice(), "steps": T, "metrics": metrics,
+        "files": names, "checkpoint_tag": record["checkpoint_tag"] if record else
+        checkpoint_tag(config.checkpoint.name, config.checkpoint.k)})
+    status = "trained" if record is None and not repaired else "repaired"
+    return {**metrics, **seconds_now, "status": status, "repaired": repaired}
+
+
+def _strategy_of(tag: str) -> tuple[str, int]:
+    return ("replay", int(tag[len("replay"):])) if tag.startswith("replay") else (tag, 4)
+
+
+DIVERGED = 3.0  # a final train loss above this multiple of the loss at initialisation: diverged
+
+
+def _check_converged(problem: Problem, final: TrainState, train_out: dict) -> None:
+    """Refuse a run whose scores would mean nothing: a non-finite state, or a training loss that
+    ends above DIVERGED times its value at initialisation. (A short run may end slightly above
+    it: eval-mode BatchNorm with barely updated running statistics.)"""
+    import math
+
+    import numpy as np
+    import torch
+
+    lr = f"optimizer.lr={problem.config.optimizer.lr:g}"
+    if not all(bool(torch.isfinite(v).all()) for v in flatten_state(final).values()):
+        raise NonFiniteError(f"training produced NaN/Inf parameters ({lr}): lower optimizer.lr")
+    start = float(np.mean(problem.outputs(problem.init_state(), problem.dataset.x_train,
+                                          problem.dataset.y_train)["loss"]))
+    end = float(np.mean(train_out["loss"]))
+    if not math.isfinite(end) or end > DIVERGED * start:
+        raise NonFiniteError(f"training diverged: train loss {start:.4g} at initialisation, {end:.4g} after "
+                             f"training ({lr}); lower optimizer.lr")

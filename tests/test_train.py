@@ -19,7 +19,7 @@ def test_default_train_reaches_97_percent(cli, tmp_path):
     assert metrics["test_accuracy"] >= 0.97
     for key in ("test_accuracy", "test_loss", "train_loss", "steps", "train_seconds"):
         assert key in metrics
-    for name in ("config.yaml", "overrides.txt", "meta.json", "train/checkpoints.pt", "train/final.pt",
+    for name in ("config.yaml", "overrides.txt", "meta.json", "train/checkpoints_all.pt", "train/final.pt",
                  "train/fingerprint.json", "train/outputs_loss.npy", "train/outputs_margin.npy"):
         assert (tmp_path / name).is_file(), name
     loss = np.load(tmp_path / "train" / "outputs_loss.npy")

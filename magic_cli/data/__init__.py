@@ -8,6 +8,8 @@ statistics of the training split only. The batch schedule is a pure function of
 
 from __future__ import annotations
 
+from magic_cli.errors import ConfigError
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -73,7 +75,7 @@ def batch_schedule(n_train: int, batch_size: int, epochs: int, seed: int):
 
     per_epoch = n_train // batch_size
     if per_epoch == 0:
-        raise ValueError(f"train.batch_size={batch_size} is larger than the training split ({n_train})")
+        raise ConfigError(f"train.batch_size={batch_size} is larger than the training split ({n_train})")
     steps = []
     for epoch in range(epochs):
         perm = torch.randperm(n_train, generator=generator(seed, "order", epoch))

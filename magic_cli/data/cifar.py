@@ -4,6 +4,8 @@ and a seeded subset of examples, with pure flip/translate augmentation."""
 
 from __future__ import annotations
 
+from magic_cli.errors import ConfigError
+
 
 def cifar10(seed: int, *, root: str = "data/cifar10", download: bool = True, classes: list = tuple(range(10)),
             n_train: int = 50000, n_test: int = 10000, flip: bool = True, translate: int = 2):
@@ -17,11 +19,11 @@ def cifar10(seed: int, *, root: str = "data/cifar10", download: bool = True, cla
 
     classes = [int(c) for c in classes]
     if not classes or any(not 0 <= c < 10 for c in classes) or len(set(classes)) != len(classes):
-        raise ValueError(f"dataset.classes must be distinct CIFAR-10 class ids 0..9, got {classes}")
+        raise ConfigError(f"dataset.classes must be distinct CIFAR-10 class ids 0..9, got {classes}")
     try:
         splits = [CIFAR10(root, train=train, download=download) for train in (True, False)]
     except (RuntimeError, OSError) as e:  # not found / corrupted, or no network for the download
-        raise ValueError(f"dataset.root={root!r}: {e} (set dataset.download=true on a machine with a network)") \
+        raise ConfigError(f"dataset.root={root!r}: {e} (set dataset.download=true on a machine with a network)") \
             from None
     relabel = {c: i for i, c in enumerate(classes)}
     arrays = []

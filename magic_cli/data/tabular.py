@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from magic_cli.errors import ConfigError
+
 
 def _split_standardise(name: str, x, y, seed: int, test_fraction: float):
     import numpy as np
@@ -11,7 +13,7 @@ def _split_standardise(name: str, x, y, seed: int, test_fraction: float):
     from magic_cli.determinism import derive_seed
 
     if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
-        raise ValueError(f"dataset.test_fraction must be in (0, 1), got {test_fraction}")
+        raise ConfigError(f"dataset.test_fraction must be in (0, 1), got {test_fraction}")
     n = len(y)
     perm = np.random.default_rng(derive_seed(seed, "split")).permutation(n)
     n_test = int(round(n * test_fraction))
@@ -39,7 +41,7 @@ def digits(seed: int, *, test_fraction: float = 0.2, images: bool = False, flip:
         ds.x_train, ds.x_test = ds.x_train.view(-1, 1, 8, 8), ds.x_test.view(-1, 1, 8, 8)
         ds.augment = flip_translate(flip, translate)
     elif flip or translate:
-        raise ValueError("dataset.flip / dataset.translate need dataset.images=true")
+        raise ConfigError("dataset.flip / dataset.translate need dataset.images=true")
     return ds
 
 

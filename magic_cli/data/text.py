@@ -3,6 +3,8 @@ fixed-length character chunks for a tiny language model: x = chunk[:-1], y = chu
 
 from __future__ import annotations
 
+from magic_cli.errors import ConfigError
+
 import string
 
 ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"  # everything else -> '?'
@@ -24,7 +26,7 @@ def text_chars(seed: int, *, context: int = 32, n_train: int = 1000, n_test: int
     ids = np.array([index.get(c, unknown) for c in text], dtype=np.int64)
     n_chunks = len(ids) // (context + 1)
     if n_train + n_test > n_chunks:
-        raise ValueError(f"dataset.n_train + dataset.n_test must be <= {n_chunks} chunks of {context + 1} characters")
+        raise ConfigError(f"dataset.n_train + dataset.n_test must be <= {n_chunks} chunks of {context + 1} characters")
     chunks = ids[: n_chunks * (context + 1)].reshape(n_chunks, context + 1)
     chunks = chunks[np.random.default_rng(derive_seed(seed, "chunks")).permutation(n_chunks)]
     train, test = chunks[:n_train], chunks[n_train:n_train + n_test]

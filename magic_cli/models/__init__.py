@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from magic_cli.errors import ConfigError
 from magic_cli.models.cnn import cnn_small, resnet9
 from magic_cli.models.mlp import logreg, mlp
 from magic_cli.models.transformer import transformer
@@ -29,6 +30,26 @@ MODELS: dict[str, Callable] = {
 }
 
 
-def build_model(options: dict, input_shape: tuple, n_classes: int):
+# What each model takes: feature vectors (N, F), images (N, C, H, W; the MLPs flatten them) or
+# token ids (N, L).
+MODEL_INPUTS = {"mlp": ("features", "images"), "logreg": ("features", "images"), "cnn_small": ("images",),
+                "resnet9": ("images",), "transformer": ("tokens",)}
+
+
+def input_kind(x) -> str:
+    """'tokens' (integer ids), 'images' (N, C, H, W) or 'features' (N, F) for a dataset's x_train."""
+    if not x.is_floating_point():
+        return "tokens"
+    return {2: "features", 4: "images"}.get(x.dim(), f"{x.dim() - 1}-d inputs")
+
+
+def build_model(options: dict, dataset):
+    """The model named by options['name'] for `dataset`, refused if it cannot take its inputs."""
+    name = options["name"]
+    kind = input_kind(dataset.x_train)
+    if kind not in MODEL_INPUTS[name]:
+        suitable = ", ".join(m for m, kinds in MODEL_INPUTS.items() if kind in kinds) or "none built in"
+        raise ConfigError(f"model={name} takes {' or '.join(MODEL_INPUTS[name])} but dataset={dataset.name} gives "
+                          f"{kind}; choose a model for {kind} ({suitable})")
     opts = {k: v for k, v in options.items() if k != "name"}
-    return MODELS[options["name"]](input_shape, n_classes, **opts)
+    return MODELS[name](dataset.input_shape, dataset.n_classes, **opts)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from magic_cli.errors import ConfigError
 from magic_cli.models.layers import activation, batch_norm, batch_norm_init, conv_init, linear, linear_init, pool_all
 
 
@@ -97,16 +98,16 @@ def _check(act: str, pool: str, **positive):
         values = value if isinstance(value, (list, tuple)) else [value]
         ok = all(isinstance(v, (int, float)) and v > 0 for v in values)
         if not ok or (isinstance(value, (list, tuple)) and not value):
-            raise ValueError(f"model.{key} must be positive (a list of widths for channels), got {value!r}")
+            raise ConfigError(f"model.{key} must be positive (a list of widths for channels), got {value!r}")
     if pool not in ("avg", "lse", "max"):
-        raise ValueError(f"model.pool={pool!r} is not valid; choose one of: avg, lse, max")
+        raise ConfigError(f"model.pool={pool!r} is not valid; choose one of: avg, lse, max")
 
 
 def cnn_small(input_shape: tuple, n_classes: int, *, channels: list = (16, 32), activation: str = "gelu",
               pool: str = "avg", head_scale: float = 1.0):
     """A small CNN for CPU-sized runs: len(channels) conv blocks with BatchNorm."""
     if len(input_shape) != 3:
-        raise ValueError(f"model=cnn_small needs image inputs (C, H, W), got shape {input_shape}")
+        raise ConfigError(f"model=cnn_small needs image inputs (C, H, W), got shape {input_shape}")
     _check(activation, pool, channels=channels, head_scale=head_scale)
     return SmallCNN(input_shape[0], n_classes, tuple(int(c) for c in channels), activation, pool, float(head_scale))
 
@@ -115,6 +116,6 @@ def resnet9(input_shape: tuple, n_classes: int, *, width: float = 1.0, activatio
             head_scale: float = 0.125):
     """ResNet-9 with BatchNorm before each activation; `width` multiplies the channel counts."""
     if len(input_shape) != 3:
-        raise ValueError(f"model=resnet9 needs image inputs (C, H, W), got shape {input_shape}")
+        raise ConfigError(f"model=resnet9 needs image inputs (C, H, W), got shape {input_shape}")
     _check(activation, pool, width=width, head_scale=head_scale)
     return ResNet9(input_shape[0], n_classes, float(width), activation, pool, float(head_scale))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from magic_cli.errors import ConfigError
+
 
 def uniform_(shape, bound: float, gen):
     """U(-bound, bound) in float64 from a seeded generator (torch.nn.Linear's default init)."""
@@ -24,7 +26,7 @@ def activation(name: str) -> Callable:
 
     table = {"gelu": F.gelu, "relu": F.relu, "tanh": F.tanh, "softplus": F.softplus, "silu": F.silu}
     if name not in table:
-        raise ValueError(f"model.activation={name!r} is not valid; choose one of: {', '.join(table)}")
+        raise ConfigError(f"model.activation={name!r} is not valid; choose one of: {', '.join(table)}")
     return table[name]
 
 
@@ -105,4 +107,4 @@ def pool_all(x, kind: str):
         return torch.logsumexp(x.flatten(2), dim=2) - _math.log(x.shape[2] * x.shape[3])
     if kind == "max":
         return x.amax((2, 3))
-    raise ValueError(f"model.pool={kind!r} is not valid; choose one of: avg, lse, max")
+    raise ConfigError(f"model.pool={kind!r} is not valid; choose one of: avg, lse, max")

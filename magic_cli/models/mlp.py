@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from magic_cli.errors import ConfigError
 from magic_cli.models.layers import activation, linear, linear_init
 
 
@@ -38,7 +39,7 @@ def mlp(input_shape: tuple, n_classes: int, *, hidden: list = (128,), activation
 
     check_activation(activation)
     if not isinstance(hidden, (list, tuple)) or not all(isinstance(h, int) and h >= 1 for h in hidden):
-        raise ValueError(f"model.hidden must be a list of positive widths, e.g. [128], got {hidden!r}")
+        raise ConfigError(f"model.hidden must be a list of positive widths, e.g. [128], got {hidden!r}")
     return MLP(sizes=(math.prod(input_shape), *map(int, hidden), n_classes), act=activation)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from magic_cli.errors import ConfigError
 from magic_cli.models.layers import activation, linear, linear_init, uniform_
 
 
@@ -69,12 +70,12 @@ def transformer(input_shape: tuple, n_classes: int, *, dim: int = 64, n_layers: 
                 activation: str = "gelu"):
     """A causal transformer over token ids (B, L) with a vocabulary of n_classes."""
     if len(input_shape) != 1:
-        raise ValueError(f"model=transformer needs token sequences (L,), got shape {input_shape}")
+        raise ConfigError(f"model=transformer needs token sequences (L,), got shape {input_shape}")
     for key, value in (("dim", dim), ("n_layers", n_layers), ("n_heads", n_heads)):
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
+            raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
     if dim % n_heads:
-        raise ValueError(f"model.dim={dim} must be a multiple of model.n_heads={n_heads}")
+        raise ConfigError(f"model.dim={dim} must be a multiple of model.n_heads={n_heads}")
     from magic_cli.models.layers import activation as check
 
     check(activation)
