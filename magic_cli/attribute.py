@@ -3,7 +3,9 @@
     attribute/<method>/settings.json   the settings (output, options) and fingerprint of the folder
     attribute/<method>/test_<id>.npy   (N,) scores of one test id, with its sidecar test_<id>.json
     attribute/<method>/scores.npy      (N, n_ids) every valid test id of the folder, ids ascending
-    attribute/<method>/scores.json     its sidecar: test_ids, output, method, sign, fingerprint, sha256, ...
+    attribute/<method>/scores.json     its sidecar: test_ids, output, method, sign, fingerprint, sha256, seconds
+    attribute/<method>/last_run.json   what the last `attribute` did: ids asked and computed, seconds,
+                                       checkpoint strategy, peak states, forward steps (not an input)
 
 A per-id file is reused only if its sidecar carries this run's fingerprint and these settings
 and its digest matches; anything else is recomputed, never merged. The requested ids are cut
@@ -158,7 +160,7 @@ def merge_scores(run, method: str, key: dict, settings: dict, invocation: dict) 
     """scores.npy (N, n) of every valid per-id file of the folder, ids ascending; its sidecar."""
     import numpy as np
 
-    from magic_cli.run_dir import load_json, load_npy, npy_bytes, save_artifact, sidecar, status
+    from magic_cli.run_dir import load_json, load_npy, npy_bytes, save_artifact, save_json, sidecar, status
 
     with merge_lock(run, method, exclusive=True):
         found = sorted(int(p.stem[len("test_"):]) for p in run.attribute_dir(method).glob("test_*.npy")
@@ -168,9 +170,10 @@ def merge_scores(run, method: str, key: dict, settings: dict, invocation: dict) 
         seconds = sum(load_json(sidecar(run.test_scores(method, i)))["seconds"] for i in valid)
         merged = np.stack(arrays, axis=1) if arrays else np.zeros((0, 0))
         meta = {**key, **settings, "test_ids": valid, "sign": SIGN, "seconds": seconds,
-                "shape": list(merged.shape), "dtype": str(merged.dtype),
-                **{k: v for k, v in invocation.items() if k not in ("test_ids", "seconds")}}
-        return save_artifact(run.scores_npy(method), npy_bytes(merged), meta)
+                "shape": list(merged.shape), "dtype": str(merged.dtype)}
+        side = save_artifact(run.scores_npy(method), npy_bytes(merged), meta)
+        save_json(run.attribute_last_run(method), invocation)
+        return side
 
 
 def load_scores(run, method: str, fingerprint: str):

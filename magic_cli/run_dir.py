@@ -3,7 +3,7 @@ marker and the run lock.
 
     magic-run.json  config.yaml overrides.txt meta.json
     train/        fingerprint.json  metrics.json  final.pt  checkpoints_<tag>.pt  outputs_{loss,margin}.npy
-    attribute/<method>/  settings.json  test_<id>.npy  scores.npy  scores.json
+    attribute/<method>/  settings.json  test_<id>.npy  scores.npy  scores.json  last_run.json
     ground_truth/drop_<p>/  masks.npy  subset_<k>.npz  outputs_{loss,margin}.npy
     report/       lds.csv summary.json report.md lds_vs_drop.png scatter_<method>_<p>.png
 
@@ -314,6 +314,9 @@ class RunDir:
 
     def scores_json(self, method: str) -> Path:
         return sidecar(self.scores_npy(method))
+
+    def attribute_last_run(self, method: str) -> Path:
+        return self.attribute_dir(method) / "last_run.json"
 
     def methods_present(self) -> list[str]:
         base = self.root / "attribute"

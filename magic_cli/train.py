@@ -338,9 +338,21 @@ def train_stage(config: Config, run, overrides: list[str], overwrite: bool = Fal
     train/fingerprint.json is written last and marks a finished run. An intact artifact is never
     rewritten: a retraining that would produce other bytes is refused as non-deterministic.
     """
+    import shutil
+
+    created = not run.root.exists()
+    run.claim()
+    try:
+        return _train_stage(config, run, overrides, overwrite, progress_factory)
+    except BaseException:
+        if created:  # a refused first training leaves nothing behind, not even the folder
+            shutil.rmtree(run.root, ignore_errors=True)
+        raise
+
+
+def _train_stage(config, run, overrides, overwrite, progress_factory) -> dict:
     from magic_cli.run_dir import load_record, status
 
-    run.claim()
     with run.lock(exclusive=True):
         run.clean(exclusive=True)
         fingerprint = config.fingerprint()
@@ -404,17 +416,15 @@ def _train_and_write(config, run, overrides, record, names, states, progress_fac
             **{run.train_outputs(o).name: npy_bytes(outputs[o]) for o in OUTPUT_FUNCTIONS},
             **{run.checkpoints(tag).name: checkpoints_bytes({t: kept[t] for t in sorted(b)})
                for tag, b in boundaries.items()}}
+    for name in (n for n in names if states[n] == "ok"):  # intact: retraining must reproduce it exactly
+        if load_json(sidecar(run.train_dir / name))["sha256"] != sha256_bytes(data[name]):
+            raise NonDeterminismError(f"training is not deterministic here: retraining gives another {name} "
+                                      f"than the one stored in {run.train_dir}; nothing was changed")
     repaired = []
-    for name in names:
-        path = run.train_dir / name
-        if states[name] == "ok":  # intact: the deterministic retraining must reproduce it exactly
-            if load_json(sidecar(path))["sha256"] != sha256_bytes(data[name]):
-                raise NonDeterminismError(f"training is not deterministic here: retraining gives another {path.name} "
-                                          f"than the one stored in {run.train_dir}")
-            continue
+    for name in (n for n in names if states[n] != "ok"):
         if states[name] != "missing" or record is not None:
             repaired.append(name)
-        save_artifact(path, data[name], {"fingerprint": fingerprint})
+        save_artifact(run.train_dir / name, data[name], {"fingerprint": fingerprint})
     seconds_now = {"train_seconds": seconds}
     metrics = record["metrics"] if record is not None else {
         "test_accuracy": float(np.mean(outputs["correct"])),

@@ -20,6 +20,7 @@ def _attribute(cli, run_dir, ids, *overrides, extra=()):
     code, _, err = cli("attribute", "--test-ids", ids, *TINY, f"out_dir={run_dir}", *overrides, *extra)
     assert code == 0, err
     side = json.loads((run_dir / "attribute" / "magic" / "scores.json").read_text())
+    side.update(json.loads((run_dir / "attribute" / "magic" / "last_run.json").read_text()))
     return np.load(run_dir / "attribute" / "magic" / "scores.npy"), side
 
 
@@ -175,4 +176,5 @@ def test_scores_of_other_settings_are_not_reused(cli, tmp_path):
                        "--overwrite")
     assert code == 0, err
     side = json.loads((tmp_path / "attribute" / "magic" / "scores.json").read_text())
-    assert side["output"] == "margin" and side["ids_computed"] == 3
+    last = json.loads((tmp_path / "attribute" / "magic" / "last_run.json").read_text())
+    assert side["output"] == "margin" and last["ids_computed"] == 3
