@@ -153,3 +153,36 @@ def test_run_names_are_plain_words(overrides, fragment):
 def test_bad_model_and_dataset_values_are_one_line(cli, tmp_path, overrides, fragment):
     code, _, err = cli("train", *overrides, f"out_dir={tmp_path}")
     assert code == 2 and fragment in err and err.count("\n") == 1, err
+
+
+def test_config_dir_replaces_a_packaged_file_of_the_same_name(cli, tmp_path):
+    """The user's folder is searched first: its optimizer/adam.yaml wins over the packaged one."""
+    packaged = (conf_dir() / "optimizer" / "adam.yaml").read_text()
+    (tmp_path / "optimizer").mkdir()
+    (tmp_path / "optimizer" / "adam.yaml").write_text(packaged.replace("lr: 0.001", "lr: 0.5"))
+    assert load([], str(tmp_path)).optimizer.lr == 0.5
+    assert load([]).optimizer.lr == 0.001
+    (tmp_path / "config.yaml").write_text((conf_dir() / "config.yaml").read_text().replace("seed: 0", "seed: 9"))
+    assert load([], str(tmp_path)).seed == 9  # even the root config
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["optimizer=sgd", "+optimizer.eps_root=1e-8"], "optimizer.eps_root does not apply to optimizer=sgd"),
+    (["optimizer=sgd", "+optimizer.betas=[0.9,0.99]"], "optimizer.betas does not apply to optimizer=sgd"),
+    (["+optimizer.momentum=0.9"], "optimizer.momentum does not apply to optimizer=adam"),
+    (["+checkpoint.k=3"], "checkpoint.k applies only to checkpoint=replay"),
+    (["checkpoint=sqrt", "+checkpoint.k=3"], "checkpoint.k applies only to checkpoint=replay"),
+    (["optimizer.lr=inf"], "optimizer.lr must be a finite number"),
+    (["optimizer.eps_root=nan"], "optimizer.eps_root must be a finite number"),
+    (["out_dir="], "out_dir must name a run folder"),
+])
+def test_options_that_do_not_apply_or_are_not_finite_are_refused(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load(overrides)
+
+
+def test_checkpoint_strategy_is_not_part_of_the_fingerprint():
+    """Every strategy gives bit-identical scores; a finished run derives the others' checkpoints."""
+    base = load([]).fingerprint()
+    assert load(["checkpoint=sqrt"]).fingerprint() == base
+    assert load(["checkpoint=replay", "checkpoint.k=3"]).fingerprint() == base

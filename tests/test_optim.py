@@ -90,11 +90,12 @@ def test_optimizer_vjp_matches_autograd(cfg):
     g, t = grads(params), 3
     out, fn = vjp(lambda p, s, g_: opt.update(g_, s, p, t), params, state, g)
     gen = torch.Generator().manual_seed(1)
-    ct = torch.utils._pytree.tree_map(lambda v: torch.randn(v.shape, generator=gen, dtype=F64), out)
-    want_p, want_s, want_g = fn(ct)
-    # the hand-derived vjp, with a leading batch dim of 2 (two identical cotangents)
-    batched = torch.utils._pytree.tree_map(lambda v: torch.stack([v, v]), ct)
-    got_p, got_s, got_g = opt.vjp(g, state, params, t, batched[0], batched[1])
-    for want, got in [(want_p, got_p), (want_s, got_s), (want_g, got_g)]:
+    cts = [torch.utils._pytree.tree_map(lambda v: torch.randn(v.shape, generator=gen, dtype=F64), out)
+           for _ in range(2)]  # two different cotangents: each batch row must get its own VJP
+    wants = [fn(ct) for ct in cts]
+    # the hand-derived vjp, with a leading batch dim of 2
+    batched = torch.utils._pytree.tree_map(lambda a, b: torch.stack([a, b]), cts[0], cts[1])
+    got = opt.vjp(g, state, params, t, batched[0], batched[1])
+    for row, want in enumerate(wants):
         for a, b in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got)):
-            torch.testing.assert_close(b[0] if b.dim() > a.dim() else b, a, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(b[row] if b.dim() > a.dim() else b, a, rtol=1e-12, atol=1e-14)
