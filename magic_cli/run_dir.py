@@ -356,8 +356,13 @@ class RunDir:
         except (FileExistsError, NotADirectoryError):
             raise StageError(f"out_dir {_rel(root)} lies under a file; choose another out_dir") from None
         if self.marker.is_file():
+            try:
+                load_json(self.marker)
+            except ValueError:  # torn or damaged, but the name says magic made this folder
+                save_json(self.marker, {"magic_run": True, "format": FORMAT})
             self.check_marker()
             return
+        self._refuse_older_layout()
         if any(root.iterdir()):
             raise StageError(f"out_dir {_rel(root)} is not empty and is not a magic run directory (no {MARKER}); "
                              "choose another out_dir")
@@ -366,6 +371,7 @@ class RunDir:
     def check_marker(self) -> None:
         """The folder is a run directory of this layout version (stages that only read or add)."""
         if not self.marker.is_file():
+            self._refuse_older_layout()
             if self.root.is_dir() and any(self.root.iterdir()):
                 raise StageError(f"{_rel(self.root)} is not a magic run directory (no {MARKER}); check out_dir")
             raise StageError(f"no finished training run in {_rel(self.root)}: run `magic train` with the same "
@@ -374,8 +380,8 @@ class RunDir:
             info = load_json(self.marker)
             fmt = info.get("format")
         except (ValueError, AttributeError):
-            raise StageError(f"{_rel(self.marker)} is damaged; it marks {_rel(self.root)} as a run directory: "
-                             "restore it or choose another out_dir") from None
+            raise StageError(f"{_rel(self.marker)} is damaged: run `magic train` with the same overrides to "
+                             "repair the run") from None
         if fmt != FORMAT:
             raise StageError(f"{_rel(self.root)} was made by another version of magic (format {fmt}, this is "
                              f"{FORMAT}); train again with --overwrite or choose another out_dir")
@@ -394,6 +400,11 @@ class RunDir:
             raise StageError(f"the run in {_rel(self.root)} was trained with a different config "
                              f"({'; '.join(diffs)}); use the training overrides or another out_dir")
         return record
+
+    def _refuse_older_layout(self) -> None:
+        if (self.train_dir / "fingerprint.json").is_file() and not self.marker.is_file():
+            raise StageError(f"{_rel(self.root)} was made by an older version of magic (no {MARKER}); its files "
+                             "cannot be verified: delete it or choose another out_dir")
 
     @contextlib.contextmanager
     def lock(self, exclusive: bool):

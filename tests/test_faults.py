@@ -539,3 +539,22 @@ def test_kill_9_then_rerun_gives_the_undisturbed_result(slow_reference, tmp_path
     for sub in [*before, OUTPUT_OF[stage]]:
         assert files_of(out / sub) == files_of(slow_reference / sub), sub
     assert not list(out.rglob("*.tmp"))
+
+
+def test_damaged_marker_is_repaired_by_train(cli, reference, tmp_path):
+    run = copy_run(reference, tmp_path)
+    (run / "magic-run.json").write_text("{tor")
+    code, _, err = cli("score", *ARGS, f"out_dir={run}")
+    one_line_error(code, err, "magic-run.json is damaged", "magic train")
+    code, out, err = cli("train", *ARGS, f"out_dir={run}")
+    assert code == 0 and "already trained" in out, err
+    assert cli("score", *ARGS, f"out_dir={run}")[0] == 0
+    assert files_of(run) == files_of(reference)
+
+
+def test_run_of_an_older_version_is_refused(cli, reference, tmp_path):
+    run = copy_run(reference, tmp_path)
+    (run / "magic-run.json").unlink()
+    for command in (["train", "--overwrite"], ["attribute", "--test-ids", "0"]):
+        code, _, err = cli(*command, *ARGS, f"out_dir={run}")
+        one_line_error(code, err, "older version of magic")
