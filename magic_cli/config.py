@@ -180,6 +180,7 @@ class Config:
     checkpoint: CheckpointConfig
     attribute: AttributeConfig
     ground_truth: GroundTruthConfig
+    plugins: tuple = ()  # user plugins (.py files or module names) that register models and datasets
     raw: dict = field(repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self):
@@ -206,12 +207,28 @@ class Config:
         """The part of the config that determines training, with the data weights' content hash."""
         sl = {k: self.raw[k] for k in TRAINING_KEYS}
         if self.train.data_weights is not None:
-            digest = hashlib.sha256(Path(self.train.data_weights).read_bytes()).hexdigest()[:16]
-            sl = {**sl, "train": {**sl["train"], "data_weights": f"sha256:{digest}"}}
+            digest = _content_hash(self.train.data_weights, "train.data_weights")
+            sl = {**sl, "train": {**sl["train"], "data_weights": digest}}
+        if self.model.get("init_from") is not None:
+            digest = _content_hash(self.model["init_from"], "model.init_from")
+            sl = {**sl, "model": {**sl["model"], "init_from": digest}}
+        if self.plugins:  # the plugins' sources, so a changed plugin refuses runs trained with the old one
+            from magic_cli.plugins import plugin_digest
+
+            sl = {**sl, "plugins": {spec: f"sha256:{plugin_digest(spec)}" for spec in self.plugins}}
         return sl
 
     def fingerprint(self) -> str:
         return fingerprint_of(self.training_slice())
+
+
+def _content_hash(path: str, key: str) -> str:
+    try:
+        return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: no such file {path!r}") from None
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
 
 
 def fingerprint_of(training_slice: dict) -> str:
@@ -393,6 +410,10 @@ def load(overrides: list[str] | tuple = (), config_dir: str | None = None) -> Co
 def from_dict(raw: dict) -> Config:
     """Validate a resolved config tree (as saved in a run's config.yaml)."""
     _check(isinstance(raw, dict), "config must be a mapping")
+    if raw.get("plugins"):  # before validation: plugins add names to the model and dataset registries
+        from magic_cli.plugins import load_plugins
+
+        load_plugins(raw["plugins"])
     config = dataclasses.replace(_build(Config, raw, ""), raw=raw)
     _check_applicable(raw)
     return config

@@ -1,0 +1,202 @@
+"""Any torch.nn.Module as a pure magic model (contracts.Model), through torch.func.functional_call.
+
+    init(generator) -> (params, buffers)     the module's trainable parameters and its buffers
+    apply(params, buffers, x, train)         -> (outputs, new_buffers)
+
+- Initialisation is a pure function of the seed: the module is built by the user's factory
+  under a torch RNG seeded from the run's generator (the global RNG is saved and restored), or
+  its tensors are loaded from `init_from` (a state dict saved with torch.save, loaded with
+  weights_only=True, or a .safetensors file).
+- BatchNorm stays pure: every nn.BatchNorm1d/2d/3d is swapped for PureBatchNorm, which computes
+  the same normalisation and returns the updated running statistics as new buffers instead of
+  writing them in place (an in-place update would break the reverse pass).
+- `trainable`: glob patterns of parameter names (default all). Frozen parameters are constants
+  held by the model: outside the optimizer state and the adjoint.
+- Randomness inside the module (dropout with p > 0) is refused with one line: it would draw from
+  the global RNG, and the training run would no longer be a function of the data weights.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from pathlib import Path
+from typing import Callable
+
+from magic_cli.errors import ConfigError
+
+
+def _pure_batch_norm_class():
+    import torch
+
+    class PureBatchNorm(torch.nn.Module):
+        """nn.BatchNorm's computation with the running statistics returned, not written."""
+
+        def __init__(self, bn):
+            super().__init__()
+            self.eps, self.momentum, self.affine = bn.eps, bn.momentum, bn.affine
+            self.track = bn.track_running_stats
+            if bn.affine:
+                self.weight, self.bias = bn.weight, bn.bias
+            if self.track:
+                self.register_buffer("running_mean", bn.running_mean)
+                self.register_buffer("running_var", bn.running_var)
+                self.register_buffer("num_batches_tracked", bn.num_batches_tracked)
+            self.sink = None  # dict for the new running statistics, set by ModuleModel.apply
+
+        def forward(self, x):
+            # The normalisation written out (as models/layers.batch_norm): F.batch_norm refuses
+            # running statistics that require grad, and the reverse pass differentiates them.
+            dims = [d for d in range(x.dim()) if d != 1]
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            if self.training or not self.track:
+                mean, var = x.mean(dims), x.var(dims, unbiased=False)
+                if self.training and self.track:
+                    n = x.numel() // x.shape[1]
+                    count = self.num_batches_tracked + 1
+                    m = self.momentum if self.momentum is not None else 1.0 / count
+                    self.sink["running_mean"] = (1 - m) * self.running_mean + m * mean
+                    self.sink["running_var"] = (1 - m) * self.running_var + m * var * (n / max(n - 1, 1))
+                    self.sink["num_batches_tracked"] = count
+            else:
+                mean, var = self.running_mean, self.running_var
+            x = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+            if self.affine:
+                x = x * self.weight.view(shape) + self.bias.view(shape)
+            return x
+
+    return PureBatchNorm
+
+
+def _make_pure(module):
+    """Swap BatchNorm layers for PureBatchNorm in place; refuse randomness. Returns the BN names."""
+    import torch
+
+    pure_bn = _pure_batch_norm_class()
+    names = []
+    for name, child in list(module.named_modules()):
+        if isinstance(child, torch.nn.modules.dropout._DropoutNd) and child.p > 0:
+            raise ConfigError(f"the model's {name or 'module'} is {type(child).__name__}(p={child.p}): dropout "
+                              "would draw from the global RNG; set p=0")
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, attr, pure_bn(child))
+            names.append(name)
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        raise ConfigError("a BatchNorm at the model's root cannot be made pure; wrap it in a container")
+    return names
+
+
+def _load_weights(path: str) -> dict:
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"model.init_from: no such file {path!r}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(p)))
+        data = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torn file, pickled objects refused by weights_only, missing safetensors
+        raise ConfigError(f"model.init_from: cannot read {path} as a state dict ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:200]})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ConfigError(f"model.init_from: {path} is not a state dict of tensors")
+    return data
+
+
+class ModuleModel:
+    """The pure model of a user's nn.Module (see the module docstring)."""
+
+    def __init__(self, factory: Callable, input_shape: tuple, n_classes: int, options: dict,
+                 init_from: str | None, trainable: tuple):
+        self.factory, self.input_shape, self.n_classes, self.options = factory, input_shape, n_classes, options
+        self.init_from, self.trainable = init_from, tuple(trainable)
+        self.module = self._build(seed=0)
+        self.bn_names = _make_pure(self.module)
+        names = [n for n, _ in self.module.named_parameters()]
+        self.train_names = [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in self.trainable)]
+        if not self.train_names:
+            raise ConfigError(f"model.trainable={list(self.trainable)} matches none of the model's parameters "
+                              f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
+        self.frozen: dict = {}
+
+    def _build(self, seed: int):
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = self.factory(self.input_shape, self.n_classes, **self.options)
+        if not isinstance(module, torch.nn.Module):
+            raise ConfigError(f"the model factory {self.factory.__name__} returned {type(module).__name__}, "
+                              "not a torch.nn.Module")
+        return module
+
+    def init(self, gen):
+        """(params, buffers) float64: the trainable parameters and the buffers (BatchNorm statistics)."""
+        import torch
+
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
+        module = self._build(seed)
+        _make_pure(module)
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        if self.init_from is not None:
+            loaded = _load_weights(self.init_from)
+            unknown = sorted(set(loaded) - set(state))
+            if unknown:
+                raise ConfigError(f"model.init_from: {self.init_from} has tensors the model does not: "
+                                  f"{', '.join(unknown[:5])}")
+            for k, v in loaded.items():
+                if tuple(v.shape) != tuple(state[k].shape):
+                    raise ConfigError(f"model.init_from: {k} has shape {tuple(v.shape)} in {self.init_from}, "
+                                      f"the model's is {tuple(state[k].shape)}")
+                state[k] = v.detach().clone()
+        as64 = lambda v: v.to(torch.float64) if v.is_floating_point() else v  # noqa: E731
+        param_names = {n for n, _ in module.named_parameters()}
+        params = {k: as64(state[k]) for k in self.train_names}
+        self.frozen = {k: as64(state[k]) for k in param_names - set(self.train_names)}
+        buffers = {k: as64(v) for k, v in state.items() if k not in param_names}
+        return params, buffers
+
+    def apply(self, params, buffers, x, train: bool, taps=None):
+        from torch.func import functional_call
+
+        if taps is not None:
+            raise ConfigError("ekfac needs the built-in models (its K-FAC taps); use another method")
+        sinks = {}
+        for name in self.bn_names:
+            bn = self.module.get_submodule(name)
+            bn.sink = sinks.setdefault(name, {})
+        frozen = {k: v.to(device=x.device, dtype=next(iter(params.values())).dtype) for k, v in self.frozen.items()}
+        self.module.train(train)
+        out = functional_call(self.module, {**frozen, **params, **buffers}, (x,), tie_weights=True, strict=False)
+        new_buffers = dict(buffers)
+        for name, sink in sinks.items():
+            for key, value in sink.items():
+                new_buffers[f"{name}.{key}"] = value
+        if not hasattr(out, "shape") or out.dim() < 2 or out.shape[0] != x.shape[0] or out.shape[-1] != self.n_classes:
+            raise ConfigError(f"the model returned {getattr(out, 'shape', type(out).__name__)}; magic needs logits "
+                              f"(B, {self.n_classes}) or (B, L, {self.n_classes}) for a batch of {x.shape[0]}")
+        return out, new_buffers
+
+
+def module_builder(factory: Callable) -> Callable:
+    """A model builder (input_shape, n_classes, *, init_from, trainable, **factory options) for
+    the registry, with a signature the config validation can read."""
+
+    def build(input_shape, n_classes, *, init_from=None, trainable=("*",), **options):
+        if not isinstance(trainable, (list, tuple)) or not all(isinstance(t, str) for t in trainable):
+            raise ConfigError(f"model.trainable must be a list of name patterns, got {trainable!r}")
+        return ModuleModel(factory, tuple(input_shape), int(n_classes), options, init_from, tuple(trainable))
+
+    own = [p for p in inspect.signature(factory).parameters.values() if p.kind == p.KEYWORD_ONLY]
+    head = [inspect.Parameter("input_shape", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter("n_classes", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    extra = [inspect.Parameter("init_from", inspect.Parameter.KEYWORD_ONLY, default=None),
+             inspect.Parameter("trainable", inspect.Parameter.KEYWORD_ONLY, default=("*",))]
+    build.__signature__ = inspect.Signature(head + own + extra)
+    build.__name__ = getattr(factory, "__name__", "module")
+    return build
