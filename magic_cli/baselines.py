@@ -83,6 +83,9 @@ def grad_dot(problem: Problem, final: TrainState, test_ids, output: str, options
 
 def _epoch_states(problem: Problem) -> tuple[list[int], dict]:
     """The steps at the start of each epoch and the states there (one deterministic training run)."""
+    if problem.config.train.order_file is not None:
+        raise ConfigError("tracin and trak with attribute.trak.checkpoints > 1 use epoch boundaries, which "
+                          "train.order_file does not have")
     spe = problem.total_steps // problem.config.train.epochs
     starts = [e * spe for e in range(problem.config.train.epochs)]
     _, kept, _ = problem.run(keep=set(starts) | {problem.total_steps})

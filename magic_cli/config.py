@@ -92,14 +92,15 @@ class TrainConfig:
     batch_size: int  # nominal batch size B (the last partial batch of an epoch is dropped)
     loss_reduction: str = "mean"  # mean | sum
     data_weights: str | None = None  # path to a .npy of N weights; None = all ones
+    order_file: str | None = None  # path to a .npy (T, B) of example ids per step; None = seeded epochs
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _choice("train.loss_reduction", self.loss_reduction, ("mean", "sum"))
-        if self.data_weights is not None:
-            _check(Path(self.data_weights).is_file(),
-                   f"train.data_weights: no such file {self.data_weights!r}")
+        for key in ("data_weights", "order_file"):
+            path = getattr(self, key)
+            _check(path is None or Path(path).is_file(), f"train.{key}: no such file {path!r}")
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,11 @@ class Config:
         if self.train.data_weights is not None:
             digest = _content_hash(self.train.data_weights, "train.data_weights")
             sl = {**sl, "train": {**sl["train"], "data_weights": digest}}
+        if self.train.order_file is not None:
+            digest = _content_hash(self.train.order_file, "train.order_file")
+            sl = {**sl, "train": {**sl["train"], "order_file": digest}}
+        else:  # an optional key left at null does not change the fingerprint of existing runs
+            sl = {**sl, "train": {k: v for k, v in sl["train"].items() if k != "order_file"}}
         if self.model.get("init_from") is not None:
             digest = _content_hash(self.model["init_from"], "model.init_from")
             sl = {**sl, "model": {**sl["model"], "init_from": digest}}

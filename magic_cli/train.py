@@ -117,7 +117,10 @@ class Problem:
             setattr(ds, name, getattr(ds, name).to(device))
         model = build_model(config.model, ds)
         tc = config.train
-        schedule = batch_schedule(ds.n_train, tc.batch_size, tc.epochs, config.seed)
+        if tc.order_file is None:
+            schedule = batch_schedule(ds.n_train, tc.batch_size, tc.epochs, config.seed)
+        else:
+            schedule = torch.as_tensor(load_order(tc.order_file, ds.n_train, tc.batch_size))
         optimizer = build_optimizer(config.optimizer, int(schedule.shape[0]))
         if tc.data_weights is None:
             weights = torch.ones(ds.n_train, dtype=dtype, device=device)
@@ -190,6 +193,28 @@ class Problem:
                 correct = (logits.argmax(-1) == ys).double().reshape(ys.shape[0], -1).mean(1)  # token mean for LMs
                 parts["correct"].append(correct.cpu().numpy())
         return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def load_order(path: str, n_train: int, batch_size: int):
+    """train.order_file: a .npy int array (T, B) of training-example ids, one row per step,
+    used instead of the seeded permutation. B must be train.batch_size; ids in [0, N)."""
+    import numpy as np
+
+    try:
+        order = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"train.order_file: {path} is not a readable .npy file ({e})") from None
+    if not isinstance(order, np.ndarray) or order.ndim != 2 or order.shape[0] < 1:
+        raise ConfigError(f"train.order_file: {path} must hold an array (steps, batch), got shape "
+                          f"{getattr(order, 'shape', 'an .npz archive')}")
+    if order.dtype.kind not in "iu":
+        raise ConfigError(f"train.order_file: {path} must hold integer example ids, got {order.dtype}")
+    if order.shape[1] != batch_size:
+        raise ConfigError(f"train.order_file: {path} has batches of {order.shape[1]}, train.batch_size is "
+                          f"{batch_size}")
+    if order.min() < 0 or order.max() >= n_train:
+        raise ConfigError(f"train.order_file: {path} has ids outside the training split (0..{n_train - 1})")
+    return order.astype(np.int64)
 
 
 def load_data_weights(path: str, n_train: int):

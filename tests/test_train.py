@@ -167,3 +167,38 @@ def test_data_weights_file_is_used(cli, tmp_path):
     code, _, err = cli("train", *TINY, f"out_dir={tmp_path / 'c'}", f"train.data_weights={tmp_path / 'bad.npy'}")
     assert code == 2 and "train.data_weights must be a .npy of" in err
     assert not (tmp_path / "c" / "train" / "fingerprint.json").exists()
+
+
+def test_order_file_equal_to_the_seeded_schedule_is_bit_identical(cli, tmp_path):
+    """A given data order replaces the seeded permutation; the seeded one, written out, changes
+    nothing (checkpoints, outputs, scores), and another order changes the run."""
+    from magic_cli.data import batch_schedule
+
+    schedule = batch_schedule(142, 16, 2, seed=0).numpy()
+    np.save(tmp_path / "order.npy", schedule)
+    seeded = _train_files(cli, tmp_path / "seeded")
+    given = _train_files(cli, tmp_path / "given", f"train.order_file={tmp_path / 'order.npy'}")
+    for name in ("final.pt", "checkpoints_all.pt", "outputs_loss.npy", "outputs_margin.npy"):
+        assert seeded[name] == given[name], name
+    for out in ("seeded", "given"):
+        extra = [f"train.order_file={tmp_path / 'order.npy'}"] if out == "given" else []
+        code, _, err = cli("attribute", "--test-ids", "0:3", *TINY, f"out_dir={tmp_path / out}", *extra)
+        assert code == 0, err
+    assert (tmp_path / "seeded" / "attribute" / "magic" / "scores.npy").read_bytes() == \
+        (tmp_path / "given" / "attribute" / "magic" / "scores.npy").read_bytes()
+    np.save(tmp_path / "reversed.npy", schedule[::-1].copy())
+    other = _train_files(cli, tmp_path / "other", f"train.order_file={tmp_path / 'reversed.npy'}")
+    assert other["final.pt"] != seeded["final.pt"]
+
+
+@pytest.mark.parametrize("array, fragment", [
+    (np.zeros((4, 16), dtype=np.float64), "must hold integer example ids"),
+    (np.zeros((4, 8), dtype=np.int64), "has batches of 8, train.batch_size is 16"),
+    (np.full((4, 16), 142, dtype=np.int64), "ids outside the training split (0..141)"),
+    (np.zeros(16, dtype=np.int64), "must hold an array (steps, batch)"),
+])
+def test_an_order_file_that_does_not_fit_is_one_line(cli, tmp_path, array, fragment):
+    np.save(tmp_path / "order.npy", array)
+    code, _, err = cli("train", *TINY, f"train.order_file={tmp_path / 'order.npy'}", f"out_dir={tmp_path / 'run'}")
+    assert code == 2 and fragment in err and err.count("magic: error") == 1, err
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,121 @@
+"""Results from Python: read a run directory without parsing its files by hand.
+
+    import magic_cli
+    run = magic_cli.load_run("runs/default")
+    run.metrics                      # test accuracy, losses, steps, N, n_test
+    s = run.scores("magic")          # s.values (N, J) float, s.test_ids [J], s.frame (pandas, N x J)
+    masks, outputs = run.ground_truth(0.01)          # bool (m, N), float64 (m, n_test)
+    run.lds()                        # the report's per-test LDS table (pandas), after `magic score`
+
+Everything is verified as the commands verify it (digests, and the fingerprint of the run's
+training record); a damaged or foreign artifact raises magic_cli.errors.StageError naming the
+file. Nothing is imported or unpickled from the run directory; the training config is read as
+plain YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from magic_cli.errors import StageError
+
+
+@dataclass
+class Scores:
+    """Scores of one method: values[i, j] = d f_j / d w_i for training example i and test_ids[j]."""
+
+    method: str
+    values: object  # numpy (N, J)
+    test_ids: list
+    output: str  # loss | margin
+
+    @property
+    def frame(self):
+        """pandas DataFrame (N, J): index = training example, columns = test ids."""
+        import pandas as pd
+
+        return pd.DataFrame(self.values, columns=self.test_ids).rename_axis(index="train_id", columns="test_id")
+
+
+class Run:
+    """A finished run directory, read-only."""
+
+    def __init__(self, root):
+        from magic_cli.run_dir import RunDir, load_record
+
+        self.dir = RunDir(root)
+        self.dir.check_marker()
+        if not self.dir.fingerprint_json.is_file():
+            raise StageError(f"no finished training run in {root}")
+        self.record = load_record(self.dir.fingerprint_json)
+        self.fingerprint = self.record["fingerprint"]
+
+    @property
+    def root(self) -> Path:
+        return self.dir.root
+
+    @property
+    def metrics(self) -> dict:
+        return dict(self.record["metrics"])
+
+    @property
+    def config(self) -> dict:
+        """The resolved config the run was trained with (config.yaml, read as plain YAML)."""
+        import yaml
+
+        return yaml.safe_load(self.dir.config_yaml.read_text())
+
+    def methods(self) -> list[str]:
+        return self.dir.methods_present()
+
+    def scores(self, method: str = "magic") -> Scores:
+        from magic_cli.attribute import load_scores
+
+        if method not in self.methods():
+            raise StageError(f"no {method} scores in {self.root} (have: {', '.join(self.methods()) or 'none'})")
+        values, side = load_scores(self.dir, method, self.fingerprint)
+        return Scores(method, values, list(side["test_ids"]), side["output"])
+
+    def train_outputs(self, output: str = "loss"):
+        """f_j(w0) of every test example under the trained model: float64 (n_test,)."""
+        from magic_cli.run_dir import load_npy, verify
+
+        verify(self.dir.train_outputs(output), {"fingerprint": self.fingerprint})
+        return load_npy(self.dir.train_outputs(output))
+
+    def drop_fractions(self) -> list[float]:
+        base = self.root / "ground_truth"
+        return sorted(float(p.name[len("drop_"):]) for p in base.glob("drop_*")) if base.is_dir() else []
+
+    def ground_truth(self, p: float, output: str = "loss"):
+        """(masks bool (m, N), outputs float64 (m, n_test)) of drop fraction p, as merged."""
+        from magic_cli.errors import ArtifactError
+        from magic_cli.ground_truth import make_masks
+        from magic_cli.run_dir import load_npy, verify
+
+        path = self.dir.ground_truth_outputs(p, output)
+        try:
+            side = verify(path, {"fingerprint": self.fingerprint, "drop": f"{p:g}"})
+        except ArtifactError as e:
+            raise StageError(f"{e}; run `magic retrain-ground-truth`") from None
+        masks = make_masks(int(self.metrics["n_train"]), p, side["num_subsets"], side["seed"])
+        return masks, load_npy(path)
+
+    def lds(self):
+        """The per-test LDS table of the last `magic score` (method, drop, test_id, spearman, pearson, slope)."""
+        import json
+
+        import pandas as pd
+
+        summary = self.dir.report_dir / "summary.json"
+        if not summary.is_file():
+            raise StageError(f"no report in {self.root}: run `magic score`")
+        if json.loads(summary.read_text()).get("fingerprint") != self.fingerprint:
+            raise StageError(f"the report in {self.root} belongs to another training run: run `magic score` again")
+        return pd.read_csv(self.dir.report_dir / "lds.csv")
+
+
+def load_run(root) -> Run:
+    """The run in `root` (a run directory written by `magic train`)."""
+    return Run(root)
