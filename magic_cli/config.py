@@ -215,6 +215,9 @@ class Config:
             sl = {**sl, "train": {**sl["train"], "order_file": digest}}
         else:  # an optional key left at null does not change the fingerprint of existing runs
             sl = {**sl, "train": {k: v for k, v in sl["train"].items() if k != "order_file"}}
+        for key in ("path", "train_path", "test_path"):  # a dataset read from files: their contents
+            if self.dataset.get(key) is not None:
+                sl = {**sl, "dataset": {**sl["dataset"], key: _content_hash(self.dataset[key], f"dataset.{key}")}}
         if self.model.get("init_from") is not None:
             digest = _content_hash(self.model["init_from"], "model.init_from")
             sl = {**sl, "model": {**sl["model"], "init_from": digest}}
@@ -229,7 +232,12 @@ class Config:
 
 
 def _content_hash(path: str, key: str) -> str:
+    """sha256 of a file, or of a folder's files (names and contents), for the fingerprint."""
     try:
+        if Path(path).is_dir():
+            from magic_cli.data.files import _folder_digest
+
+            return "sha256:" + _folder_digest(Path(path))
         return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     except FileNotFoundError:
         raise ConfigError(f"{key}: no such file {path!r}") from None

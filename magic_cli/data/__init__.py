@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from magic_cli.data.cifar import cifar10
+from magic_cli.data.files import arrays, image_folder, table, text_file, token_ids
 from magic_cli.data.tabular import breast_cancer, digits, wine
 from magic_cli.data.text import text_chars
 
@@ -51,7 +52,13 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "wine": wine,
     "cifar10": cifar10,
     "text_chars": text_chars,
+    "arrays": arrays,
+    "table": table,
+    "image_folder": image_folder,
+    "token_ids": token_ids,
+    "text_file": text_file,
 }
+
 
 
 def load_dataset(options: dict, seed: int, dtype) -> Dataset:
