@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from magic_cli.config import Config
+from magic_cli.contracts import Model
 from magic_cli.errors import ArtifactError, ConfigError, NonDeterminismError, NonFiniteError, StageError
+
+if TYPE_CHECKING:
+    from magic_cli.data import Dataset
+    from magic_cli.optim import Optimizer
 
 
 class TrainState(NamedTuple):
@@ -88,9 +93,9 @@ class Problem:
     optimizer, batch schedule and base data weights, on the run's device and dtype."""
 
     config: Config
-    dataset: object
-    model: object
-    optimizer: object
+    dataset: "Dataset"
+    model: Model
+    optimizer: "Optimizer"
     schedule: object  # LongTensor (T, B): example ids of each step
     weights: object  # (N,) data weights used in training (ones unless train.data_weights)
     grad_fn: Callable  # (params, buffers, x, y, weights) -> (grads, new_buffers)

@@ -159,6 +159,7 @@ def _bad(tmp_path, source: str) -> Path:
     ("signature", "must be def f(input_shape, n_classes, *, option=default"),
     ("builtin", "'mlp' is built in"),
     ("module_name", "plugins: no module 'no_such_module_xyz'"),
+    ("not_a_model", "its builder returned int, which has no init/apply"),
 ])
 def test_a_bad_plugin_is_one_line(cli, tmp_path, case, fragment):
     sources = {
@@ -168,10 +169,13 @@ def test_a_bad_plugin_is_one_line(cli, tmp_path, case, fragment):
                      "    pass\n",
         "builtin": "from magic_cli.plugins import register_model\n\n@register_model('mlp')\n"
                    "def f(input_shape, n_classes):\n    pass\n",
+        "not_a_model": "from magic_cli.plugins import register_model\n\n@register_model('three')\n"
+                       "def three(input_shape, n_classes):\n    return 3\n",
     }
     spec = {"missing": str(tmp_path / "nope.py"), "module_name": "no_such_module_xyz"}.get(case)
     spec = spec or str(_bad(tmp_path, sources[case]))
-    code, _, err = cli("train", *TINY, f"plugins=[{spec}]", f"out_dir={tmp_path / 'run'}")
+    extra = ["model.name=three", "~model.hidden", "~model.activation"] if case == "not_a_model" else []
+    code, _, err = cli("train", *TINY, f"plugins=[{spec}]", *extra, f"out_dir={tmp_path / 'run'}")
     assert code == 2 and fragment in err and err.count("magic: error") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()
 

@@ -8,6 +8,7 @@ statistics of the training split only. The batch schedule is a pure function of
 
 from __future__ import annotations
 
+from magic_cli.contracts import DatasetBuilder  # noqa: F401  (the type of the registry's entries)
 from magic_cli.errors import ConfigError
 
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
-DATASETS: dict[str, Callable[..., Dataset]] = {
+DATASETS: dict[str, "DatasetBuilder"] = {
     "digits": digits,
     "breast_cancer": breast_cancer,
     "wine": wine,

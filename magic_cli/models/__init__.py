@@ -14,14 +14,13 @@ shape and number of classes, and its config options as keyword-only arguments. `
 
 from __future__ import annotations
 
-from typing import Callable
-
+from magic_cli.contracts import Model, ModelBuilder
 from magic_cli.errors import ConfigError
 from magic_cli.models.cnn import cnn_small, resnet9
 from magic_cli.models.mlp import logreg, mlp
 from magic_cli.models.transformer import transformer
 
-MODELS: dict[str, Callable] = {
+MODELS: dict[str, ModelBuilder] = {
     "mlp": mlp,
     "logreg": logreg,
     "cnn_small": cnn_small,
@@ -52,4 +51,8 @@ def build_model(options: dict, dataset):
         raise ConfigError(f"model={name} takes {' or '.join(MODEL_INPUTS[name])} but dataset={dataset.name} gives "
                           f"{kind}; choose a model for {kind} ({suitable})")
     opts = {k: v for k, v in options.items() if k != "name"}
-    return MODELS[name](dataset.input_shape, dataset.n_classes, **opts)
+    model = MODELS[name](dataset.input_shape, dataset.n_classes, **opts)
+    if not isinstance(model, Model):
+        raise ConfigError(f"model={name}: its builder returned {type(model).__name__}, which has no init/apply "
+                          "(see magic_cli.contracts.Model)")
+    return model
