@@ -2,8 +2,9 @@
 
 The package reads as the pipeline it implements:
 
-    config -> data -> models -> optim -> train -> replay -> metagrad
-           -> ground_truth -> metrics -> report
+    config -> (plugins) -> data -> models -> optim -> assemble -> train -> replay -> metagrad
+           -> ground_truth -> metrics -> report          (contracts: the types they share;
+                                                          run_dir: every artifact; results: reading them)
 
 `cli.py` is a thin Typer front over these modules. torch is imported inside
 functions of the modules that need it, never here, so `magic --help` is instant.

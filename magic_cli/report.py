@@ -30,10 +30,11 @@ def score_stage(config, run: RunDir) -> dict:
 def _score(config, run: RunDir, record: dict) -> dict:
     import pandas as pd
 
+    from magic_cli.assemble import load_data_weights
     from magic_cli.attribute import load_scores
     from magic_cli.ground_truth import load_ground_truth
     from magic_cli.run_dir import verify
-    from magic_cli.train import REPAIR, load_data_weights
+    from magic_cli.train import REPAIR
 
     output, fingerprint = config.attribute.output, record["fingerprint"]
     methods = run.methods_present()

@@ -8,8 +8,8 @@ differentiate it with respect to the whole state and the batch weights (metagrad
 weighted loss (DESIGN.md §1) is normalised by the nominal batch size, never by Σw, so a
 dropped example (w_i = 0) keeps its slot in its batch.
 
-This module does not differentiate through training (metagrad.py) and does not choose
-which states to recompute (replay.py).
+This module does not assemble a run from its config (assemble.py), does not differentiate
+through training (metagrad.py) and does not choose which states to recompute (replay.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from magic_cli.config import Config
 from magic_cli.contracts import Model
-from magic_cli.errors import ArtifactError, ConfigError, NonDeterminismError, NonFiniteError, StageError
+from magic_cli.errors import ArtifactError, NonDeterminismError, NonFiniteError, StageError
 
 if TYPE_CHECKING:
     from magic_cli.data import Dataset
@@ -109,31 +109,10 @@ class Problem:
 
     @classmethod
     def build(cls, config: Config) -> "Problem":
-        import torch
+        """Assemble the run from the config (assemble.py)."""
+        from magic_cli.assemble import assemble
 
-        from magic_cli.data import batch_schedule, load_dataset
-        from magic_cli.models import build_model
-        from magic_cli.optim import build_optimizer
-
-        dtype = getattr(torch, config.dtype)
-        device = torch.device(config.device)
-        ds = load_dataset(config.dataset, config.seed, dtype)
-        for name in ("x_train", "y_train", "x_test", "y_test"):
-            setattr(ds, name, getattr(ds, name).to(device))
-        model = build_model(config.model, ds)
-        tc = config.train
-        if tc.order_file is None:
-            schedule = batch_schedule(ds.n_train, tc.batch_size, tc.epochs, config.seed)
-        else:
-            schedule = torch.as_tensor(load_order(tc.order_file, ds.n_train, tc.batch_size))
-        optimizer = build_optimizer(config.optimizer, int(schedule.shape[0]))
-        if tc.data_weights is None:
-            weights = torch.ones(ds.n_train, dtype=dtype, device=device)
-        else:
-            weights = torch.as_tensor(load_data_weights(tc.data_weights, ds.n_train), dtype=dtype, device=device)
-        grad_fn = make_grad_fn(model, tc.batch_size, tc.loss_reduction)
-        step = make_train_step(grad_fn, optimizer)
-        return cls(config, ds, model, optimizer, schedule, weights, grad_fn, step, device, dtype)
+        return assemble(config)
 
     def init_state(self) -> TrainState:
         """s_0: initialisation from derive_seed(seed, "init"), identical on every device."""
@@ -198,45 +177,6 @@ class Problem:
                 correct = (logits.argmax(-1) == ys).double().reshape(ys.shape[0], -1).mean(1)  # token mean for LMs
                 parts["correct"].append(correct.cpu().numpy())
         return {name: np.concatenate(values) for name, values in parts.items()}
-
-
-def load_order(path: str, n_train: int, batch_size: int):
-    """train.order_file: a .npy int array (T, B) of training-example ids, one row per step,
-    used instead of the seeded permutation. B must be train.batch_size; ids in [0, N)."""
-    import numpy as np
-
-    try:
-        order = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"train.order_file: {path} is not a readable .npy file ({e})") from None
-    if not isinstance(order, np.ndarray) or order.ndim != 2 or order.shape[0] < 1:
-        raise ConfigError(f"train.order_file: {path} must hold an array (steps, batch), got shape "
-                          f"{getattr(order, 'shape', 'an .npz archive')}")
-    if order.dtype.kind not in "iu":
-        raise ConfigError(f"train.order_file: {path} must hold integer example ids, got {order.dtype}")
-    if order.shape[1] != batch_size:
-        raise ConfigError(f"train.order_file: {path} has batches of {order.shape[1]}, train.batch_size is "
-                          f"{batch_size}")
-    if order.min() < 0 or order.max() >= n_train:
-        raise ConfigError(f"train.order_file: {path} has ids outside the training split (0..{n_train - 1})")
-    return order.astype(np.int64)
-
-
-def load_data_weights(path: str, n_train: int):
-    """train.data_weights: a .npy of n_train finite, non-negative numbers -> float64 (N,)."""
-    import numpy as np
-
-    try:
-        w = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"train.data_weights: {path} is not a readable .npy file ({e})") from None
-    if not isinstance(w, np.ndarray) or w.shape != (n_train,) or w.dtype.kind not in "biuf":
-        raise ConfigError(f"train.data_weights must be a .npy of {n_train} weights, got "
-                          f"{getattr(w, 'shape', 'an .npz archive')}")
-    w = w.astype(np.float64)
-    if not np.isfinite(w).all() or (w < 0).any():
-        raise ConfigError(f"train.data_weights: {path} holds NaN, Inf or negative weights")
-    return w
 
 
 # --- state <-> flat tensor dict (checkpoint files) -----------------------------------------

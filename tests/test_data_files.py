@@ -50,6 +50,14 @@ def make_table(tmp_path):
     return ["dataset=table", f"dataset.path={tmp_path / 'wine.csv'}", "dataset.label=kind"] + MLP
 
 
+def make_table_parquet(tmp_path):
+    x, y = _wine()
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(x.shape[1])])
+    frame["label"] = y
+    frame.to_parquet(tmp_path / "wine.parquet")
+    return ["dataset=table", f"dataset.path={tmp_path / 'wine.parquet'}"] + MLP
+
+
 def make_image_folder(tmp_path):
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -85,6 +93,7 @@ def make_text_file(tmp_path):
 
 
 FORMATS = {"arrays": make_arrays, "arrays_given_splits": make_arrays_given_splits, "table_csv": make_table,
+           "table_parquet": make_table_parquet,
            "image_folder": make_image_folder, "token_ids_jsonl": make_token_ids, "token_ids_npy": make_token_npy,
            "text_file": make_text_file}
 

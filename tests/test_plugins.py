@@ -136,6 +136,16 @@ def test_init_from_file_sets_the_initial_weights_and_enters_the_fingerprint(cli,
     assert load(args).fingerprint() != first
 
 
+def test_init_from_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    problem = _problem(MLP)
+    weights = {k: torch.full_like(v, 0.02).contiguous() for k, v in problem.init_state().params.items()}
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    loaded = _problem(MLP + [f"+model.init_from={tmp_path / 'w.safetensors'}"]).init_state()
+    assert all(torch.equal(loaded.params[k], weights[k]) for k in weights)
+
+
 def test_a_changed_plugin_refuses_runs_trained_with_the_old_one(cli, tmp_path):
     plugin = tmp_path / "plugin.py"
     plugin.write_text(TOY.read_text())

@@ -8,16 +8,15 @@ statistics of the training split only. The batch schedule is a pure function of
 
 from __future__ import annotations
 
-from magic_cli.contracts import DatasetBuilder  # noqa: F401  (the type of the registry's entries)
-from magic_cli.errors import ConfigError
-
 from dataclasses import dataclass
 from typing import Callable
 
+from magic_cli.contracts import DatasetBuilder  # noqa: F401  (the type of the registry's entries)
 from magic_cli.data.cifar import cifar10
 from magic_cli.data.files import arrays, image_folder, table, text_file, token_ids
 from magic_cli.data.tabular import breast_cancer, digits, wine
 from magic_cli.data.text import text_chars
+from magic_cli.errors import ConfigError
 
 
 @dataclass

@@ -3,9 +3,9 @@ fixed-length character chunks for a tiny language model: x = chunk[:-1], y = chu
 
 from __future__ import annotations
 
-from magic_cli.errors import ConfigError
-
 import string
+
+from magic_cli.errors import ConfigError
 
 ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"  # everything else -> '?'
 

@@ -1,0 +1,314 @@
+"""Datasets from a user's files, one builder per format:
+
+    arrays        .npz with arrays x (N, F) or (N, C, H, W) and y (N,) int labels
+    table         .csv (or .parquet, with pyarrow) with a label column; the other columns are features
+    image_folder  torchvision's ImageFolder layout root/<class>/<image>, decoded once into a cache
+    token_ids     .npy int (N, L) or .jsonl with "input_ids" per line: next-token prediction
+    text_file     a plain text file cut into chunks of context + 1 characters (as text_chars)
+
+Either `path` (one file, split by a seeded shuffle with `test_fraction`) or `train_path` and
+`test_path` (given splits). Features are standardised with training statistics only. The
+files' contents enter the training fingerprint (config.py). Every problem with a file is one
+line naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from magic_cli.errors import ConfigError
+
+# --- common ----------------------------------------------------------------------------------------
+
+def _paths(path, train_path, test_path) -> list[str]:
+    one_file = path is not None and train_path is None and test_path is None
+    two_files = path is None and train_path is not None and test_path is not None
+    if not (one_file or two_files):
+        raise ConfigError("give dataset.path (split by dataset.test_fraction) or both dataset.train_path and "
+                          "dataset.test_path")
+    paths = [path] if path is not None else [train_path, test_path]
+    for p in paths:
+        if not Path(p).exists():
+            raise ConfigError(f"dataset: no such file {p!r}")
+    return paths
+
+
+def _split(n: int, seed: int, test_fraction: float):
+    import numpy as np
+
+    from magic_cli.determinism import derive_seed
+
+    if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise ConfigError(f"dataset.test_fraction must be in (0, 1), got {test_fraction}")
+    perm = np.random.default_rng(derive_seed(seed, "split")).permutation(n)
+    n_test = int(round(n * test_fraction))
+    if n_test == 0 or n_test == n:
+        raise ConfigError(f"dataset.test_fraction={test_fraction} of {n} examples leaves an empty split")
+    return perm[n_test:], perm[:n_test]
+
+
+def _labels(y, where: str, n_classes):
+    import numpy as np
+
+    y = np.asarray(y)
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise ConfigError(f"{where}: labels must be integers of shape (N,), got {y.dtype} {y.shape}")
+    if y.min() < 0 or (n_classes is not None and y.max() >= n_classes):
+        raise ConfigError(f"{where}: labels must be in 0..{(n_classes or 0) - 1 if n_classes else 'C-1'}, "
+                          f"got {y.min()}..{y.max()}")
+    return y.astype(np.int64)
+
+
+def _features(x, where: str):
+    import numpy as np
+
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf" or x.ndim not in (2, 4):
+        raise ConfigError(f"{where}: features must be numbers of shape (N, F) or (N, C, H, W), got {x.dtype} "
+                          f"{x.shape}")
+    x = x.astype(np.float64)
+    if not np.isfinite(x).all():
+        raise ConfigError(f"{where}: features hold NaN or Inf")
+    return x
+
+
+def _classification(name, parts, seed, test_fraction, n_classes, standardize):
+    """parts: [(x, y)] of one file (split here) or [(x_train, y_train), (x_test, y_test)]."""
+    import numpy as np
+    import torch
+
+    from magic_cli.data import Dataset
+
+    if len(parts) == 1:
+        (x, y), = parts
+        train, test = _split(len(y), seed, test_fraction)
+        parts = [(x[train], y[train]), (x[test], y[test])]
+    # C order first: numpy's sums (the statistics below) depend on the memory layout, and a
+    # freshly decoded array and its cached copy must standardise to the same bits.
+    (x_tr, y_tr), (x_te, y_te) = [(np.ascontiguousarray(x), np.ascontiguousarray(y)) for x, y in parts]
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise ConfigError(f"dataset: train and test features differ in shape: {x_tr.shape[1:]} vs {x_te.shape[1:]}")
+    classes = int(n_classes) if n_classes is not None else int(max(y_tr.max(), y_te.max())) + 1
+    if standardize:
+        axes = (0,) if x_tr.ndim == 2 else (0, 2, 3)
+        mean, std = x_tr.mean(axis=axes, keepdims=True), x_tr.std(axis=axes, keepdims=True)
+        std[std == 0] = 1.0
+        x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    t = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))  # noqa: E731
+    return Dataset(name, t(x_tr, np.float64), t(y_tr, np.int64), t(x_te, np.float64), t(y_te, np.int64),
+                   n_classes=classes)
+
+
+# --- formats ---------------------------------------------------------------------------------------
+
+def arrays(seed: int, *, path: str = None, train_path: str = None, test_path: str = None, test_fraction: float = 0.2,
+           n_classes: int = None, standardize: bool = True):
+    """An .npz with x (N, F) or (N, C, H, W) features and y (N,) integer labels."""
+    import numpy as np
+
+    parts = []
+    for p in _paths(path, train_path, test_path):
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if not hasattr(z, "files") or not {"x", "y"} <= set(z.files):
+                    raise ConfigError(f"dataset: {p} must be an .npz with arrays x and y")
+                x, y = _features(z["x"], p), _labels(z["y"], p, n_classes)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"dataset: {p} is not a readable .npz ({' '.join(str(e).split())[:120]})") from None
+        if len(x) != len(y):
+            raise ConfigError(f"dataset: {p} has {len(x)} feature rows but {len(y)} labels")
+        parts.append((x, y))
+    return _classification("arrays", parts, seed, test_fraction, n_classes, standardize)
+
+
+def table(seed: int, *, path: str = None, train_path: str = None, test_path: str = None, label: str = "label",
+          test_fraction: float = 0.2, standardize: bool = True):
+    """A CSV (or parquet) table: the `label` column holds the classes (any values: sorted, numbered
+    0..C-1), every other column is a numeric feature."""
+    import numpy as np
+    import pandas as pd
+
+    frames = []
+    for p in _paths(path, train_path, test_path):
+        try:
+            frames.append(pd.read_parquet(p) if str(p).endswith(".parquet") else pd.read_csv(p))
+        except ImportError as e:
+            raise ConfigError(f"dataset: reading {p} needs {e.name or 'pyarrow'}: pip install pyarrow") from None
+        except (ValueError, OSError, pd.errors.ParserError) as e:
+            raise ConfigError(f"dataset: {p} is not a readable table ({' '.join(str(e).split())[:120]})") from None
+    for p, frame in zip(_paths(path, train_path, test_path), frames):
+        if label not in frame.columns:
+            raise ConfigError(f"dataset: {p} has no column {label!r} (dataset.label); columns: "
+                              f"{', '.join(map(str, frame.columns[:8]))}")
+        bad = [c for c in frame.columns if c != label and not pd.api.types.is_numeric_dtype(frame[c])]
+        if bad:
+            raise ConfigError(f"dataset: {p}: column {bad[0]!r} is not numeric")
+        if frame.isna().any().any():
+            column = frame.columns[frame.isna().any()][0]
+            raise ConfigError(f"dataset: {p}: column {column!r} has missing values")
+    classes = sorted(set().union(*(set(f[label].tolist()) for f in frames)))
+    number = {c: i for i, c in enumerate(classes)}
+    parts = [(_features(f.drop(columns=[label]).to_numpy(), "dataset"),
+              np.array([number[v] for v in f[label].tolist()], dtype=np.int64)) for f in frames]
+    return _classification("table", parts, seed, test_fraction, len(classes), standardize)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def _folder_digest(root: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def _decode_folder(root: Path, cache_dir: str):
+    """(x (N, 3, H, W) float64 in [0, 1], y (N,), class names) of an ImageFolder tree, cached in
+    cache_dir/<content digest>.npz (arrays only, loaded without pickle)."""
+    import numpy as np
+
+    from magic_cli.run_dir import load_npz, npz_bytes, save_bytes
+
+    cache = Path(cache_dir).expanduser() / f"image_folder_{_folder_digest(root)}.npz"
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if len(classes) < 2:
+        raise ConfigError(f"dataset: {root} must hold one folder per class (ImageFolder layout), found "
+                          f"{len(classes)}")
+    if cache.is_file():
+        z = load_npz(cache)
+        return z["x"], z["y"], classes
+    from PIL import Image, UnidentifiedImageError
+
+    xs, ys, size = [], [], None
+    for label, name in enumerate(classes):
+        for f in sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            try:
+                with Image.open(f) as im:
+                    a = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+            except (UnidentifiedImageError, OSError) as e:
+                raise ConfigError(f"dataset: {f} is not a readable image ({e})") from None
+            if size is None:
+                size = a.shape
+            elif a.shape != size:
+                raise ConfigError(f"dataset: {f} is {a.shape[1]}x{a.shape[0]}, the others {size[1]}x{size[0]}; "
+                                  "resize the images to one size")
+            xs.append(a.transpose(2, 0, 1))
+            ys.append(label)
+    if not xs:
+        raise ConfigError(f"dataset: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    x, y = np.ascontiguousarray(np.stack(xs)), np.array(ys, dtype=np.int64)
+    save_bytes(cache, npz_bytes(x=x, y=y))
+    return x, y, classes
+
+
+def image_folder(seed: int, *, path: str = None, train_path: str = None, test_path: str = None,
+                 test_fraction: float = 0.2, cache_dir: str = "~/.cache/magic", flip: bool = False,
+                 translate: int = 0):
+    """Images in torchvision's ImageFolder layout (root/<class>/<image>), all of one size, as
+    (3, H, W) standardised per channel with training statistics; optional pure augmentation."""
+    from magic_cli.data.augment import flip_translate
+
+    parts, names = [], None
+    for p in _paths(path, train_path, test_path):
+        if not Path(p).is_dir():
+            raise ConfigError(f"dataset: {p} must be a folder (ImageFolder layout)")
+        x, y, classes = _decode_folder(Path(p), cache_dir)
+        if names is not None and classes != names:
+            raise ConfigError(f"dataset: {p} has classes {classes}, the training folder {names}")
+        names = classes
+        parts.append((x, y))
+    ds = _classification("image_folder", parts, seed, test_fraction, len(names), standardize=True)
+    ds.augment = flip_translate(flip, translate) if flip or translate else None
+    return ds
+
+
+def _token_rows(p: str):
+    import json
+
+    import numpy as np
+
+    if p.endswith(".jsonl"):
+        rows = []
+        with open(p) as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    ids = json.loads(line)["input_ids"]
+                except (ValueError, KeyError, TypeError):
+                    raise ConfigError(f"dataset: {p}:{line_no} is not a JSON object with input_ids") from None
+                if rows and len(ids) != len(rows[0]):
+                    raise ConfigError(f"dataset: {p}:{line_no} has {len(ids)} tokens, line 1 has {len(rows[0])}: "
+                                      "ragged rows (cut or pad them to one length)")
+                rows.append(ids)
+        try:
+            ids = np.array(rows)
+        except ValueError:
+            raise ConfigError(f"dataset: {p}: input_ids must be lists of integers") from None
+    else:
+        try:
+            ids = np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"dataset: {p} is not a readable .npy ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(ids, np.ndarray) or ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] < 2:
+        raise ConfigError(f"dataset: {p} must hold integer token ids (N, L >= 2), got "
+                          f"{getattr(ids, 'dtype', '?')} {getattr(ids, 'shape', '')}")
+    if ids.min() < 0:
+        raise ConfigError(f"dataset: {p} has negative token ids")
+    return ids.astype(np.int64)
+
+
+def _language(name, parts, seed, test_fraction, vocab_size):
+    """Next-token prediction: x = ids[:, :-1], y = ids[:, 1:]."""
+    import numpy as np
+    import torch
+
+    from magic_cli.data import Dataset
+
+    if len(parts) == 1:
+        train, test = _split(len(parts[0]), seed, test_fraction)
+        parts = [parts[0][train], parts[0][test]]
+    tr, te = parts
+    if tr.shape[1] != te.shape[1]:
+        raise ConfigError(f"dataset: train and test sequences differ in length ({tr.shape[1]} vs {te.shape[1]})")
+    vocab = int(vocab_size) if vocab_size is not None else int(max(tr.max(), te.max())) + 1
+    if max(tr.max(), te.max()) >= vocab:
+        raise ConfigError(f"dataset: token ids reach {max(tr.max(), te.max())} but dataset.vocab_size={vocab}")
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return Dataset(name, t(tr[:, :-1]), t(tr[:, 1:]), t(te[:, :-1]), t(te[:, 1:]), n_classes=vocab)
+
+
+def token_ids(seed: int, *, path: str = None, train_path: str = None, test_path: str = None,
+              test_fraction: float = 0.2, vocab_size: int = None):
+    """Token id sequences of one length L: an .npy (N, L) or a .jsonl of {"input_ids": [...]}."""
+    parts = [_token_rows(str(p)) for p in _paths(path, train_path, test_path)]
+    return _language("token_ids", parts, seed, test_fraction, vocab_size)
+
+
+def text_file(seed: int, *, path: str = None, train_path: str = None, test_path: str = None,
+              context: int = 32, test_fraction: float = 0.2):
+    """A plain UTF-8 text file cut into non-overlapping chunks of context + 1 characters (the
+    alphabet of text_chars; other characters become '?')."""
+    import numpy as np
+
+    from magic_cli.data.text import ALPHABET
+
+    if not isinstance(context, int) or context < 1:
+        raise ConfigError(f"dataset.context must be a positive integer, got {context!r}")
+    index = {c: i for i, c in enumerate(ALPHABET)}
+    parts = []
+    for p in _paths(path, train_path, test_path):
+        try:
+            text = Path(p).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"dataset: {p} is not a UTF-8 text file ({e})") from None
+        ids = np.array([index.get(c, index["?"]) for c in text], dtype=np.int64)
+        n = len(ids) // (context + 1)
+        if n < 2:
+            raise ConfigError(f"dataset: {p} has {len(text)} characters: too few for chunks of {context + 1}")
+        parts.append(ids[: n * (context + 1)].reshape(n, context + 1))
+    return _language("text_file", parts, seed, test_fraction, len(ALPHABET))
