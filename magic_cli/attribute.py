@@ -160,14 +160,15 @@ def merge_scores(run, method: str, key: dict, settings: dict, invocation: dict) 
     """scores.npy (N, n) of every valid per-id file of the folder, ids ascending; its sidecar."""
     import numpy as np
 
-    from magic_cli.run_dir import load_json, load_npy, npy_bytes, save_artifact, save_json, sidecar, status
+    from magic_cli.run_dir import load_npy, npy_bytes, save_artifact, save_json, valid_record
 
     with merge_lock(run, method, exclusive=True):
         found = sorted(int(p.stem[len("test_"):]) for p in run.attribute_dir(method).glob("test_*.npy")
                        if p.stem[len("test_"):].isdigit())
-        valid = [i for i in found if status(run.test_scores(method, i), {**key, "test_id": i}) == "ok"]
+        records = {i: valid_record(run.test_scores(method, i), {**key, "test_id": i}) for i in found}
+        valid = [i for i in found if records[i] is not None]
         arrays = [load_npy(run.test_scores(method, i)) for i in valid]
-        seconds = sum(load_json(sidecar(run.test_scores(method, i)))["seconds"] for i in valid)
+        seconds = sum(records[i]["seconds"] for i in valid)
         merged = np.stack(arrays, axis=1) if arrays else np.zeros((0, 0))
         meta = {**key, **settings, "test_ids": valid, "sign": SIGN, "seconds": seconds,
                 "shape": list(merged.shape), "dtype": str(merged.dtype)}

@@ -235,9 +235,9 @@ def _content_hash(path: str, key: str) -> str:
     """sha256 of a file, or of a folder's files (names and contents), for the fingerprint."""
     try:
         if Path(path).is_dir():
-            from magic_cli.data.files import _folder_digest
+            from magic_cli.run_dir import sha256_tree
 
-            return "sha256:" + _folder_digest(Path(path))
+            return "sha256:" + sha256_tree(path)
         return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     except FileNotFoundError:
         raise ConfigError(f"{key}: no such file {path!r}") from None

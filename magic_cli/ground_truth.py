@@ -178,13 +178,13 @@ def _merge(run, p, m, identities, fingerprint, seed) -> bool:
     """Write outputs_<o>.npy (m, n_test) of drop fraction p once all m subsets are valid."""
     import numpy as np
 
-    from magic_cli.run_dir import load_npz, npy_bytes, save_artifact, sha256_bytes, status, verify
+    from magic_cli.run_dir import load_npz, npy_bytes, save_artifact, sha256_bytes, status, valid_record
 
-    if any(status(run.subset(p, k), identities[(p, k)]) != "ok" for k in range(m)):
+    records = [valid_record(run.subset(p, k), identities[(p, k)]) for k in range(m)]
+    if any(r is None for r in records):
         return False
-    digests = [verify(run.subset(p, k), identities[(p, k)])["sha256"] for k in range(m)]
     meta = {**merged_identity(fingerprint, seed, p), "num_subsets": m,
-            "subsets": sha256_bytes("".join(digests).encode())[:16]}
+            "subsets": sha256_bytes("".join(r["sha256"] for r in records).encode())[:16]}
     if all(status(run.ground_truth_outputs(p, o), meta) == "ok" for o in OUTPUTS):
         return True
     subsets = [load_npz(run.subset(p, k)) for k in range(m)]

@@ -210,6 +210,24 @@ def status(path, expect: dict | None = None) -> str:
         return e.reason
 
 
+def valid_record(path, expect: dict | None = None) -> dict | None:
+    """The sidecar record of a valid artifact (as verify), or None: one hash, no exception."""
+    try:
+        return verify(path, expect)
+    except ArtifactError:
+        return None
+
+
+def sha256_tree(root) -> str:
+    """sha256 (16 hex digits) of a folder's files: their relative names and contents."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
 def remove_artifact(path) -> None:
     Path(path).unlink(missing_ok=True)
     sidecar(path).unlink(missing_ok=True)

@@ -248,11 +248,10 @@ def load_checkpoints(path, template: TrainState, device) -> dict:
     return {t: loader(i) for i, t in enumerate(steps)}
 
 
-def load_state(problem: Problem, path) -> TrainState:
+def load_state(path, template: TrainState, device) -> TrainState:
     from magic_cli.run_dir import load_tensors
 
-    flat = load_tensors(path)
-    return unflatten_state({k: v.to(problem.device) for k, v in flat.items()}, problem.init_state())
+    return unflatten_state({k: v.to(device) for k, v in load_tensors(path).items()}, template)
 
 
 REPAIR = "run `magic train` with the same overrides to repair it"
@@ -265,16 +264,17 @@ def load_final_and_stored(problem: Problem, run, record: dict) -> tuple[TrainSta
 
     expect = {"fingerprint": record["fingerprint"]}
     verify(run.final_state, expect, REPAIR)
-    final = load_state(problem, run.final_state)
+    template = problem.init_state()  # the shape of a state (also s_0)
+    final = load_state(run.final_state, template, problem.device)
     ck = problem.config.checkpoint
     path = run.checkpoints(checkpoint_tag(ck.name, ck.k))
     if not path.exists():
-        derive_checkpoints(problem, run, record, final)
+        derive_checkpoints(problem, run, record, final, template)
     verify(path, expect, REPAIR)
-    return final, load_checkpoints(path, problem.init_state(), problem.device)
+    return final, load_checkpoints(path, template, problem.device)
 
 
-def derive_checkpoints(problem: Problem, run, record: dict, final: TrainState, progress=None) -> None:
+def derive_checkpoints(problem: Problem, run, record: dict, final: TrainState, template: TrainState) -> None:
     """Write the checkpoints of config.checkpoint by replaying training from s_0, checking every
     state against those `train` stored (and the final one) bit for bit."""
     from magic_cli.replay import root_boundaries
@@ -282,7 +282,7 @@ def derive_checkpoints(problem: Problem, run, record: dict, final: TrainState, p
 
     source = run.checkpoints(record["checkpoint_tag"])
     verify(source, {"fingerprint": record["fingerprint"]}, REPAIR)
-    stored = load_checkpoints(source, problem.init_state(), problem.device)
+    stored = load_checkpoints(source, template, problem.device)
     ck, T = problem.config.checkpoint, problem.total_steps
     keep = set(root_boundaries(ck.name, T, ck.k))
 
@@ -293,7 +293,7 @@ def derive_checkpoints(problem: Problem, run, record: dict, final: TrainState, p
                                       f"the one in {source.name}; checkpoints for checkpoint={ck.name} cannot be "
                                       "derived")
 
-    _, kept, _ = problem.run(keep=keep, progress=progress, check=check)
+    _, kept, _ = problem.run(keep=keep, check=check)
     save_artifact(run.checkpoints(checkpoint_tag(ck.name, ck.k)), checkpoints_bytes({t: kept[t] for t in keep}),
                   {"fingerprint": record["fingerprint"], "steps": sorted(keep)})
 

@@ -128,15 +128,15 @@ def table(seed: int, *, path: str = None, train_path: str = None, test_path: str
     import numpy as np
     import pandas as pd
 
-    frames = []
-    for p in _paths(path, train_path, test_path):
+    paths, frames = _paths(path, train_path, test_path), []
+    for p in paths:
         try:
             frames.append(pd.read_parquet(p) if str(p).endswith(".parquet") else pd.read_csv(p))
         except ImportError as e:
             raise ConfigError(f"dataset: reading {p} needs {e.name or 'pyarrow'}: pip install pyarrow") from None
         except (ValueError, OSError, pd.errors.ParserError) as e:
             raise ConfigError(f"dataset: {p} is not a readable table ({' '.join(str(e).split())[:120]})") from None
-    for p, frame in zip(_paths(path, train_path, test_path), frames):
+    for p, frame in zip(paths, frames):
         if label not in frame.columns:
             raise ConfigError(f"dataset: {p} has no column {label!r} (dataset.label); columns: "
                               f"{', '.join(map(str, frame.columns[:8]))}")
@@ -156,24 +156,14 @@ def table(seed: int, *, path: str = None, train_path: str = None, test_path: str
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
-def _folder_digest(root: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(root)).encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()[:16]
-
-
 def _decode_folder(root: Path, cache_dir: str):
     """(x (N, 3, H, W) float64 in [0, 1], y (N,), class names) of an ImageFolder tree, cached in
     cache_dir/<content digest>.npz (arrays only, loaded without pickle)."""
     import numpy as np
 
-    from magic_cli.run_dir import load_npz, npz_bytes, save_bytes
+    from magic_cli.run_dir import load_npz, npz_bytes, save_bytes, sha256_tree
 
-    cache = Path(cache_dir).expanduser() / f"image_folder_{_folder_digest(root)}.npz"
+    cache = Path(cache_dir).expanduser() / f"image_folder_{sha256_tree(root)}.npz"
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if len(classes) < 2:
         raise ConfigError(f"dataset: {root} must hold one folder per class (ImageFolder layout), found "

@@ -122,7 +122,8 @@ class ModuleModel:
         if not self.train_names:
             raise ConfigError(f"model.trainable={list(self.trainable)} matches none of the model's parameters "
                               f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
-        self.frozen: dict = {}
+        self.frozen: dict = {}  # name -> float64 CPU constant, set by init()
+        self._frozen_cast: tuple = (None, {})  # ((device, dtype), frozen tensors cast to them)
 
     def _build(self, seed: int):
         import torch
@@ -158,8 +159,15 @@ class ModuleModel:
         param_names = {n for n, _ in module.named_parameters()}
         params = {k: as64(state[k]) for k in self.train_names}
         self.frozen = {k: as64(state[k]) for k in param_names - set(self.train_names)}
+        self._frozen_cast = (None, {})
         buffers = {k: as64(v) for k, v in state.items() if k not in param_names}
         return params, buffers
+
+    def _frozen_on(self, device, dtype) -> dict:
+        """The frozen constants on the run's device and dtype, cast once (apply is the hot path)."""
+        if self._frozen_cast[0] != (device, dtype):
+            self._frozen_cast = ((device, dtype), {k: v.to(device=device, dtype=dtype) for k, v in self.frozen.items()})
+        return self._frozen_cast[1]
 
     def apply(self, params, buffers, x, train: bool, taps=None):
         from torch.func import functional_call
@@ -170,7 +178,7 @@ class ModuleModel:
         for name in self.bn_names:
             bn = self.module.get_submodule(name)
             bn.sink = sinks.setdefault(name, {})
-        frozen = {k: v.to(device=x.device, dtype=next(iter(params.values())).dtype) for k, v in self.frozen.items()}
+        frozen = self._frozen_on(x.device, next(iter(params.values())).dtype)
         self.module.train(train)
         out = functional_call(self.module, {**frozen, **params, **buffers}, (x,), tie_weights=True, strict=False)
         new_buffers = dict(buffers)
