@@ -71,9 +71,11 @@ def _grad_dot(problem: Problem, state: TrainState, test_ids, output: str):
 
 
 def _step_scale(problem: Problem) -> float:
-    """d theta per unit of one example's weight is -lr/B * grad (mean reduction) or -lr * grad (sum)."""
+    """d theta per unit of one example's weight is -lr/B * grad (mean reduction) or -lr * grad (sum).
+    token_mean weighs example b by n_b / n_tok (its supervised tokens over the batch's), which
+    these first-order approximations take at its mean, 1/B."""
     tc = problem.config.train
-    return 1.0 / tc.batch_size if tc.loss_reduction == "mean" else 1.0
+    return 1.0 if tc.loss_reduction == "sum" else 1.0 / tc.batch_size
 
 
 def grad_dot(problem: Problem, final: TrainState, test_ids, output: str, options: dict):

@@ -28,6 +28,8 @@ OUTPUTS = ("loss", "margin")
 # `checkpoint` is not one of them: every strategy gives bit-identical scores, and a run's
 # stored states are enough to derive the checkpoints of any other strategy.
 TRAINING_KEYS = ("seed", "dtype", "device", "threads", "dataset", "model", "optimizer", "train")
+# Optional keys added after runs existed: left at null (or empty) they stay out of the fingerprint.
+OPTIONAL_KEYS = (("train", "order_file"), ("optimizer", "no_decay"), ("dataset", "tokenizer"))
 # Optimizer keys each optimizer reads (besides name, lr, weight_decay, schedule); others are refused.
 OPTIMIZER_KEYS = {"adam": ("betas", "eps", "eps_root"), "sgd": ("momentum", "nesterov")}
 
@@ -46,13 +48,15 @@ def _choice(key: str, value: Any, choices: typing.Iterable[str]) -> None:
 class ScheduleConfig:
     """Learning-rate schedule: a multiplier of `lr` that is a pure function of the step."""
 
-    name: str = "constant"  # constant | onecycle | cosine
+    name: str = "constant"  # one of optim.SCHEDULES
     warmup: float = 0.0  # fraction of the steps rising linearly from start_factor to 1
     start_factor: float = 0.0  # multiplier at step 0 (when warmup > 0)
-    end_factor: float = 0.0  # multiplier at the last step (onecycle, cosine)
+    end_factor: float = 0.0  # multiplier at the last step (onecycle, cosine, warmup_linear)
 
     def __post_init__(self):
-        _choice("optimizer.schedule.name", self.name, ("constant", "onecycle", "cosine"))
+        from magic_cli.optim import SCHEDULES
+
+        _choice("optimizer.schedule.name", self.name, SCHEDULES)
         _check(0.0 <= self.warmup < 1.0, f"optimizer.schedule.warmup must be in [0, 1), got {self.warmup}")
         _check(self.start_factor >= 0, "optimizer.schedule.start_factor must be >= 0")
         _check(self.end_factor >= 0, "optimizer.schedule.end_factor must be >= 0")
@@ -70,6 +74,7 @@ class OptimizerConfig:
     momentum: float = 0.0  # sgd
     nesterov: bool = False  # sgd
     weight_decay: float = 0.0  # adam: decoupled; sgd: L2 in the gradient
+    no_decay: tuple = ()  # parameter-name glob patterns without weight decay (e.g. biases and norms)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self):
@@ -84,20 +89,24 @@ class OptimizerConfig:
         _check(0 <= self.momentum < 1, f"optimizer.momentum must be in [0, 1), got {self.momentum}")
         _check(not self.nesterov or self.momentum > 0, "optimizer.nesterov needs optimizer.momentum > 0")
         _check(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
+        _check(all(isinstance(p, str) for p in self.no_decay),
+               f"optimizer.no_decay must be a list of parameter-name patterns, got {list(self.no_decay)}")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int  # passes over the training split
     batch_size: int  # nominal batch size B (the last partial batch of an epoch is dropped)
-    loss_reduction: str = "mean"  # mean | sum
+    loss_reduction: str = "mean"  # mean | sum | token_mean (train.make_grad_fn)
     data_weights: str | None = None  # path to a .npy of N weights; None = all ones
     order_file: str | None = None  # path to a .npy (T, B) of example ids per step; None = seeded epochs
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
-        _choice("train.loss_reduction", self.loss_reduction, ("mean", "sum"))
+        from magic_cli.train import LOSS_REDUCTIONS
+
+        _choice("train.loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         for key in ("data_weights", "order_file"):
             path = getattr(self, key)
             _check(path is None or Path(path).is_file(), f"train.{key}: no such file {path!r}")
@@ -205,26 +214,32 @@ class Config:
         return Path(self.out_dir)
 
     def training_slice(self) -> dict:
-        """The part of the config that determines training, with the data weights' content hash."""
-        sl = {k: self.raw[k] for k in TRAINING_KEYS}
-        if self.train.data_weights is not None:
-            digest = _content_hash(self.train.data_weights, "train.data_weights")
-            sl = {**sl, "train": {**sl["train"], "data_weights": digest}}
-        if self.train.order_file is not None:
-            digest = _content_hash(self.train.order_file, "train.order_file")
-            sl = {**sl, "train": {**sl["train"], "order_file": digest}}
-        else:  # an optional key left at null does not change the fingerprint of existing runs
-            sl = {**sl, "train": {k: v for k, v in sl["train"].items() if k != "order_file"}}
-        for key in ("path", "train_path", "test_path"):  # a dataset read from files: their contents
-            if self.dataset.get(key) is not None:
-                sl = {**sl, "dataset": {**sl["dataset"], key: _content_hash(self.dataset[key], f"dataset.{key}")}}
-        if self.model.get("init_from") is not None:
-            digest = _content_hash(self.model["init_from"], "model.init_from")
-            sl = {**sl, "model": {**sl["model"], "init_from": digest}}
+        """The part of the config that determines training, with every file it reads replaced by
+        the file's content hash (a folder: its files' names and contents)."""
+        import copy
+
+        sl = copy.deepcopy({k: self.raw[k] for k in TRAINING_KEYS})
+        for group, key in OPTIONAL_KEYS:  # left at null/empty: the fingerprint of runs from before the key
+            if sl[group].get(key, "absent") in (None, [], ()):
+                del sl[group][key]
+        files = [("train", "data_weights", None), ("train", "order_file", None), ("model", "init_from", None)]
+        files += [("dataset", key, None) for key in ("path", "train_path", "test_path")]
+        files.append(("dataset", "tokenizer", False))
+        if self.model.get("name") == "hf_causal_lm":
+            files.append(("model", "path", True))
+        for group, key, hub_weights in files:
+            value = sl[group].get(key)
+            if value is None:
+                continue
+            if hub_weights is not None:  # may be a Hugging Face hub name: the snapshot it resolves to
+                from magic_cli.models.hf import resolve_path
+
+                value = str(resolve_path(value, weights=hub_weights))
+            sl[group][key] = _content_hash(value, f"{group}.{key}")
         if self.plugins:  # the plugins' sources, so a changed plugin refuses runs trained with the old one
             from magic_cli.plugins import plugin_digest
 
-            sl = {**sl, "plugins": {spec: f"sha256:{plugin_digest(spec)}" for spec in self.plugins}}
+            sl["plugins"] = {spec: f"sha256:{plugin_digest(spec)}" for spec in self.plugins}
         return sl
 
     def fingerprint(self) -> str:

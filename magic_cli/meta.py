@@ -33,4 +33,12 @@ def run_meta(config, determinism: dict) -> dict:
         "determinism": determinism,
         "git_sha": git_sha(),
         "fingerprint": config.fingerprint(),
+        **_optional_versions(),
     }
+
+
+def _optional_versions() -> dict:
+    """Versions of the optional libraries a run used (transformers' kernels shape the numbers)."""
+    import sys
+
+    return {name: sys.modules[name].__version__ for name in ("transformers", "peft") if name in sys.modules}

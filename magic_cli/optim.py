@@ -21,10 +21,12 @@ state holds only tensors.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from typing import Callable, NamedTuple
 
 OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "onecycle", "cosine", "warmup_linear", "warmup_constant")
 
 
 class Optimizer(NamedTuple):
@@ -34,10 +36,25 @@ class Optimizer(NamedTuple):
 
 
 def lr_factor(schedule, t: int, total_steps: int) -> float:
-    """The learning-rate multiplier at step t (0-based) of total_steps: a pure function."""
+    """The learning-rate multiplier at step t (0-based) of total_steps: a pure function.
+
+    onecycle         start_factor -> 1 linearly over the warmup fraction, then linearly to
+                     end_factor at the last step (the paper's one-cycle linear schedule)
+    cosine           the same warm-up, then a cosine from 1 to end_factor
+    warmup_linear    0 -> 1 over the warmup, then linearly to end_factor after the last step
+                     (transformers' get_linear_schedule_with_warmup when end_factor = 0)
+    warmup_constant  0 -> 1 over the warmup, then 1 (get_constant_schedule_with_warmup)
+    """
     if schedule.name == "constant":
         return 1.0
     warm = int(round(schedule.warmup * total_steps))
+    if schedule.name in ("warmup_linear", "warmup_constant"):
+        if t < warm:
+            return t / warm
+        if schedule.name == "warmup_constant":
+            return 1.0
+        frac = (t - warm) / max(1, total_steps - warm)  # 0 at the peak, 1 one step after the last
+        return 1.0 + (schedule.end_factor - 1.0) * frac
     if t < warm:
         return schedule.start_factor + (1.0 - schedule.start_factor) * t / warm
     frac = (t - warm) / max(1, total_steps - 1 - warm)  # 0 at the peak, 1 at the last step
@@ -48,8 +65,22 @@ def lr_factor(schedule, t: int, total_steps: int) -> float:
     raise ValueError(f"optimizer.schedule.name={schedule.name!r} is not valid")
 
 
-def sgd(lr: Callable[[int], float], momentum: float, nesterov: bool, weight_decay: float) -> Optimizer:
-    """torch.optim.SGD (dampening 0): g += wd*p; buf = mu*buf + g; p -= lr*(g + mu*buf | buf)."""
+def decay_of(weight_decay: float, no_decay: tuple) -> Callable[[str], float]:
+    """name -> the weight decay of that parameter: 0 for names matching a no_decay pattern."""
+    import functools
+
+    @functools.lru_cache(maxsize=None)
+    def wd_of(name: str) -> float:
+        return 0.0 if any(fnmatch.fnmatchcase(name, pat) for pat in no_decay) else weight_decay
+
+    return wd_of
+
+
+def sgd(lr: Callable[[int], float], momentum: float, nesterov: bool, weight_decay: float,
+        no_decay: tuple = ()) -> Optimizer:
+    """torch.optim.SGD (dampening 0): g += wd*p; buf = mu*buf + g; p -= lr*(g + mu*buf | buf).
+    Parameters whose names match a `no_decay` pattern have wd = 0."""
+    wd_of = decay_of(weight_decay, no_decay)
 
     def init(params):
         if momentum == 0:
@@ -61,7 +92,8 @@ def sgd(lr: Callable[[int], float], momentum: float, nesterov: bool, weight_deca
     def update(grads, state, params, t):
         new_params, new_buf = {}, {}
         for k, p in params.items():
-            g = grads[k] + weight_decay * p if weight_decay else grads[k]
+            wd = wd_of(k)
+            g = grads[k] + wd * p if wd else grads[k]
             if momentum:
                 buf = momentum * state["momentum"][k] + g
                 new_buf[k] = buf
@@ -82,14 +114,15 @@ def sgd(lr: Callable[[int], float], momentum: float, nesterov: bool, weight_deca
             else:
                 ct_gt = -lr(t) * pp
             ct_g[k] = ct_gt
-            ct_p[k] = pp + weight_decay * ct_gt if weight_decay else pp
+            wd = wd_of(k)
+            ct_p[k] = pp + wd * ct_gt if wd else pp
         return ct_p, ({"momentum": ct_buf} if momentum else {}), ct_g
 
     return Optimizer(init, update, vjp)
 
 
 def adam(lr: Callable[[int], float], betas: tuple, eps: float, eps_root: float,
-         weight_decay: float) -> Optimizer:
+         weight_decay: float, no_decay: tuple = ()) -> Optimizer:
     """Adam(W) with eps_root inside the square root (optax's scale_by_adam):
 
         m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
@@ -97,8 +130,10 @@ def adam(lr: Callable[[int], float], betas: tuple, eps: float, eps_root: float,
 
     eps_root > 0 keeps the derivative of sqrt finite where v = 0 (needed for metagradients);
     with eps_root = 0 and wd = 0 this is torch.optim.Adam, with wd > 0 torch.optim.AdamW.
+    Parameters whose names match a `no_decay` pattern have wd = 0.
     """
     b1, b2 = betas
+    wd_of = decay_of(weight_decay, no_decay)
 
     def init(params):
         import torch
@@ -116,8 +151,9 @@ def adam(lr: Callable[[int], float], betas: tuple, eps: float, eps_root: float,
             mu[k] = b1 * state["mu"][k] + (1.0 - b1) * g
             nu[k] = b2 * state["nu"][k] + (1.0 - b2) * (g * g)
             direction = (mu[k] / c1) / (torch.sqrt(nu[k] / c2 + eps_root) + eps)
-            if weight_decay:
-                direction = direction + weight_decay * p
+            wd = wd_of(k)
+            if wd:
+                direction = direction + wd * p
             new_params[k] = p - lr(t) * direction
         return new_params, {"mu": mu, "nu": nu}
 
@@ -144,7 +180,8 @@ def adam(lr: Callable[[int], float], betas: tuple, eps: float, eps_root: float,
             ct_g[k] = torch.addcmul(a * (1.0 - b1), coef_g, b)
             ct_mu[k] = a.mul_(b1)
             ct_nu[k] = b.mul_(b2)
-            ct_p[k] = pp.mul_(1.0 - lr(t) * weight_decay) if weight_decay else pp
+            wd = wd_of(k)
+            ct_p[k] = pp.mul_(1.0 - lr(t) * wd) if wd else pp
         return ct_p, {"mu": ct_mu, "nu": ct_nu}, ct_g
 
     return Optimizer(init, update, vjp)
@@ -157,7 +194,7 @@ def build_optimizer(cfg, total_steps: int) -> Optimizer:
         return cfg.lr * lr_factor(cfg.schedule, t, total_steps)
 
     if cfg.name == "sgd":
-        return sgd(lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
+        return sgd(lr, cfg.momentum, cfg.nesterov, cfg.weight_decay, tuple(cfg.no_decay))
     if cfg.name == "adam":
-        return adam(lr, tuple(cfg.betas), cfg.eps, cfg.eps_root, cfg.weight_decay)
+        return adam(lr, tuple(cfg.betas), cfg.eps, cfg.eps_root, cfg.weight_decay, tuple(cfg.no_decay))
     raise ValueError(f"optimizer.name={cfg.name!r} is not valid; choose one of: {', '.join(OPTIMIZERS)}")

@@ -224,7 +224,11 @@ def sha256_tree(root) -> str:
     h = hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         h.update(str(f.relative_to(root)).encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
+        file_hash = hashlib.sha256()
+        with open(f, "rb") as fh:  # streamed: model weights can be larger than memory allows twice
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                file_hash.update(block)
+        h.update(file_hash.digest())
     return h.hexdigest()[:16]
 
 

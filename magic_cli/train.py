@@ -39,38 +39,71 @@ class Batch(NamedTuple):
     t: int  # step index: drives the LR schedule and Adam's bias correction
 
 
-def per_example_loss(logits, y):
-    """Cross-entropy of each example: (B,). Sequences (B, L, V) give the mean token loss."""
+IGNORE = -100  # a target that is not supervised (padding, prompt tokens): Hugging Face's label convention
+
+
+def _token_losses(logits, y):
+    """Next-token (or class) cross-entropy of every target and the supervision mask, both (B, L)
+    (L = 1 for classification); unsupervised targets (IGNORE) count 0."""
     import torch.nn.functional as F
 
     n_classes = logits.shape[-1]
-    losses = F.cross_entropy(logits.reshape(-1, n_classes), y.reshape(-1), reduction="none")
-    return losses.view(y.shape[0], -1).mean(1)
+    losses = F.cross_entropy(logits.reshape(-1, n_classes), y.reshape(-1), reduction="none", ignore_index=IGNORE)
+    return losses.view(y.shape[0], -1), (y != IGNORE).view(y.shape[0], -1)
+
+
+def per_example_loss(logits, y):
+    """Cross-entropy of each example: (B,). Sequences (B, L, V) give the mean loss over the
+    example's supervised tokens (targets IGNORE are left out; an example without any gives 0)."""
+    losses, mask = _token_losses(logits, y)
+    return losses.sum(1) / mask.sum(1).clamp(min=1)
 
 
 def per_example_margin(logits, y):
-    """Correct-class margin logit_y - logsumexp(other logits): (B,), token mean for sequences."""
+    """Correct-class margin logit_y - logsumexp(other logits): (B,), the mean over supervised
+    tokens for sequences."""
     import torch
 
     n_classes = logits.shape[-1]
-    flat, target = logits.reshape(-1, n_classes), y.reshape(-1)
+    mask = (y != IGNORE).reshape(-1)
+    flat, target = logits.reshape(-1, n_classes), y.reshape(-1).clamp(min=0)
     correct = flat.gather(1, target[:, None]).squeeze(1)
     others = flat.scatter(1, target[:, None], float("-inf"))
-    return (correct - torch.logsumexp(others, dim=1)).view(y.shape[0], -1).mean(1)
+    margins = torch.where(mask, correct - torch.logsumexp(others, dim=1), 0.0).view(y.shape[0], -1)
+    return margins.sum(1) / mask.view(y.shape[0], -1).sum(1).clamp(min=1)
+
+
+def per_example_correct(logits, y):
+    """The share of an example's supervised targets predicted right (argmax): (B,)."""
+    mask = (y != IGNORE).reshape(y.shape[0], -1)
+    right = (logits.argmax(-1) == y).reshape(y.shape[0], -1) & mask
+    return right.sum(1).double() / mask.sum(1).clamp(min=1)
 
 
 OUTPUT_FUNCTIONS = {"loss": per_example_loss, "margin": per_example_margin}
+LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
 
 
 def make_grad_fn(model, batch_size: int, loss_reduction: str) -> Callable:
-    """grad_fn(params, buffers, x, y, weights) -> (d L / d params, new_buffers), with the weighted
-    loss L = scale * sum_i weights_i * loss_i, scale = 1/B (mean) or 1 (sum)."""
+    """grad_fn(params, buffers, x, y, weights) -> (d L / d params, new_buffers) of the weighted
+    batch loss L (DESIGN.md §1), with ℓ_b an example's mean loss over its supervised tokens:
+
+        mean        (1/B) Σ_b w_b ℓ_b          B the nominal batch size, never Σw
+        sum         Σ_b w_b ℓ_b                the paper's LM setting (sets the scale of eps_root)
+        token_mean  Σ_b w_b Σ_t ℓ_bt / n_tok   n_tok the batch's supervised tokens, zero-weight
+                                               examples' tokens counted (so n_tok is not a function of w)
+    """
     import torch.func
 
-    scale = 1.0 / batch_size if loss_reduction == "mean" else 1.0
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"train.loss_reduction={loss_reduction!r} is not valid")
 
     def weighted_loss(params, buffers, x, y, weights):
         logits, new_buffers = model.apply(params, buffers, x, train=True)
+        if loss_reduction == "token_mean":
+            losses, mask = _token_losses(logits, y)
+            return (weights * losses.sum(1)).sum() / mask.sum().clamp(min=1), new_buffers
+        scale = 1.0 / batch_size if loss_reduction == "mean" else 1.0
         return (weights * per_example_loss(logits, y)).sum() * scale, new_buffers
 
     return torch.func.grad(weighted_loss, has_aux=True)
@@ -174,8 +207,7 @@ class Problem:
                 logits, _ = self.model.apply(state.params, state.buffers, xs, train=False)
                 for name, fn in OUTPUT_FUNCTIONS.items():
                     parts[name].append(fn(logits, ys).double().cpu().numpy())
-                correct = (logits.argmax(-1) == ys).double().reshape(ys.shape[0], -1).mean(1)  # token mean for LMs
-                parts["correct"].append(correct.cpu().numpy())
+                parts["correct"].append(per_example_correct(logits, ys).cpu().numpy())  # token share for LMs
         return {name: np.concatenate(values) for name, values in parts.items()}
 
 

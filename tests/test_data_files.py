@@ -166,8 +166,15 @@ def _bad_case(tmp_path, case):
         return _bad_npz(tmp_path, x=x[:10], y=y[:10])
     if case == "path_and_splits":
         return make_arrays(tmp_path) + [f"dataset.train_path={tmp_path / 'wine.npz'}"]
-    if case == "ragged_tokens":
-        (tmp_path / "t.jsonl").write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2]}\n')
+    if case == "labels_of_another_length":
+        (tmp_path / "t.jsonl").write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2], "labels": [2]}\n')
+        return ["dataset=token_ids", f"dataset.path={tmp_path / 't.jsonl'}"] + LM
+    if case == "left_padding":
+        (tmp_path / "t.jsonl").write_text('{"input_ids": [0, 2, 3], "attention_mask": [0, 1, 1]}\n')
+        return ["dataset=token_ids", f"dataset.path={tmp_path / 't.jsonl'}"] + LM
+    if case == "unsupervised_test_sequence":
+        rows = [{"input_ids": [1, 2, 3, 4], "labels": [-100, -100, -100, -100]}] * 40
+        (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return ["dataset=token_ids", f"dataset.path={tmp_path / 't.jsonl'}"] + LM
     if case == "tokens_over_vocab":
         np.save(tmp_path / "t.npy", np.full((30, 9), 60))
@@ -204,7 +211,9 @@ def _bad_case(tmp_path, case):
     ("no_x_y", "must be an .npz with arrays x and y"),
     ("fewer_than_batch", "larger than the training split"),
     ("path_and_splits", "give dataset.path"),
-    ("ragged_tokens", "ragged rows"),
+    ("labels_of_another_length", "has 1 labels for 2 input_ids"),
+    ("left_padding", "right padding"),
+    ("unsupervised_test_sequence", "has no supervised next token"),
     ("tokens_over_vocab", "dataset.vocab_size=50"),
     ("non_numeric_column", "column 'a' is not numeric"),
     ("no_label_column", "has no column 'label'"),

@@ -3,8 +3,10 @@
     arrays        .npz with arrays x (N, F) or (N, C, H, W) and y (N,) int labels
     table         .csv (or .parquet, with pyarrow) with a label column; the other columns are features
     image_folder  torchvision's ImageFolder layout root/<class>/<image>, decoded once into a cache
-    token_ids     .npy int (N, L) or .jsonl with "input_ids" per line: next-token prediction
-    text_file     a plain text file cut into chunks of context + 1 characters (as text_chars)
+    token_ids     .npy int (N, L), .npz / .jsonl with input_ids (and labels): next-token prediction;
+                  rows of several lengths are right-padded, padding and labels -100 unsupervised
+    text_file     a plain text file cut into chunks of context + 1 characters (as text_chars) or,
+                  with a tokenizer (transformers), of context + 1 tokens
 
 Either `path` (one file, split by a seeded shuffle with `test_fraction`) or `train_path` and
 `test_path` (given splits). Features are standardised with training statistics only. The
@@ -217,88 +219,155 @@ def image_folder(seed: int, *, path: str = None, train_path: str = None, test_pa
 
 
 def _token_rows(p: str):
+    """(input_ids, labels), int64 (N, L): rows of several lengths are right-padded to the longest,
+    with input id 0 and label IGNORE there. labels are the input ids unless the file gives them
+    (IGNORE, -100, marks a token that is not supervised, e.g. a prompt)."""
     import json
 
     import numpy as np
 
+    from magic_cli.train import IGNORE
+
     if p.endswith(".jsonl"):
-        rows = []
+        ids_rows, label_rows = [], []
         with open(p) as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    ids = json.loads(line)["input_ids"]
+                    row = json.loads(line)
+                    ids = row["input_ids"]
                 except (ValueError, KeyError, TypeError):
                     raise ConfigError(f"dataset: {p}:{line_no} is not a JSON object with input_ids") from None
-                if rows and len(ids) != len(rows[0]):
-                    raise ConfigError(f"dataset: {p}:{line_no} has {len(ids)} tokens, line 1 has {len(rows[0])}: "
-                                      "ragged rows (cut or pad them to one length)")
-                rows.append(ids)
-        try:
-            ids = np.array(rows)
-        except ValueError:
-            raise ConfigError(f"dataset: {p}: input_ids must be lists of integers") from None
+                labels = row.get("labels", ids)
+                if not all(isinstance(v, list) and all(isinstance(i, int) for i in v) for v in (ids, labels)):
+                    raise ConfigError(f"dataset: {p}:{line_no}: input_ids and labels must be lists of integers")
+                if len(labels) != len(ids):
+                    raise ConfigError(f"dataset: {p}:{line_no} has {len(labels)} labels for {len(ids)} input_ids")
+                if "attention_mask" in row:  # right padding only: the kept tokens come first
+                    mask = row["attention_mask"]
+                    n = sum(mask) if isinstance(mask, list) else -1
+                    if len(mask) != len(ids) or mask != [1] * n + [0] * (len(ids) - n):
+                        raise ConfigError(f"dataset: {p}:{line_no}: attention_mask must be 1s then 0s (right "
+                                          "padding) of the length of input_ids")
+                    ids, labels = ids[:n], labels[:n]
+                ids_rows.append(ids)
+                label_rows.append(labels)
+        if not ids_rows:
+            raise ConfigError(f"dataset: {p} has no rows")
+        width = max(len(r) for r in ids_rows)
+        ids = np.zeros((len(ids_rows), width), dtype=np.int64)
+        labels = np.full((len(ids_rows), width), IGNORE, dtype=np.int64)
+        for i, (r, lab) in enumerate(zip(ids_rows, label_rows)):
+            ids[i, :len(r)], labels[i, :len(lab)] = r, lab
     else:
         try:
-            ids = np.load(p, allow_pickle=False)
+            data = np.load(p, allow_pickle=False)
         except (ValueError, OSError) as e:
-            raise ConfigError(f"dataset: {p} is not a readable .npy ({' '.join(str(e).split())[:120]})") from None
-    if not isinstance(ids, np.ndarray) or ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] < 2:
+            raise ConfigError(f"dataset: {p} is not a readable .npy/.npz ({' '.join(str(e).split())[:120]})") from None
+        if isinstance(data, np.ndarray):
+            ids = labels = data
+        else:
+            if "input_ids" not in data.files:
+                raise ConfigError(f"dataset: {p} must hold an array input_ids (and optionally labels), has "
+                                  f"{', '.join(data.files) or 'none'}")
+            ids = data["input_ids"]
+            labels = data["labels"] if "labels" in data.files else ids
+            if labels.shape != ids.shape:
+                raise ConfigError(f"dataset: {p}: labels {labels.shape} and input_ids {ids.shape} differ in shape")
+    if not isinstance(ids, np.ndarray) or ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] < 2 or \
+            labels.dtype.kind not in "iu":
         raise ConfigError(f"dataset: {p} must hold integer token ids (N, L >= 2), got "
                           f"{getattr(ids, 'dtype', '?')} {getattr(ids, 'shape', '')}")
     if ids.min() < 0:
         raise ConfigError(f"dataset: {p} has negative token ids")
-    return ids.astype(np.int64)
+    if ((labels < 0) & (labels != IGNORE)).any():
+        raise ConfigError(f"dataset: {p} has negative labels other than {IGNORE} (not supervised)")
+    return ids.astype(np.int64), labels.astype(np.int64)
 
 
 def _language(name, parts, seed, test_fraction, vocab_size):
-    """Next-token prediction: x = ids[:, :-1], y = ids[:, 1:]."""
+    """Next-token prediction: x = input_ids[:, :-1], y = labels[:, 1:] (IGNORE: not supervised).
+
+    parts: [(input_ids, labels)] of one file (split by the seed) or of the train and test files."""
     import numpy as np
     import torch
 
     from magic_cli.data import Dataset
+    from magic_cli.train import IGNORE
 
     if len(parts) == 1:
-        train, test = _split(len(parts[0]), seed, test_fraction)
-        parts = [parts[0][train], parts[0][test]]
-    tr, te = parts
-    if tr.shape[1] != te.shape[1]:
-        raise ConfigError(f"dataset: train and test sequences differ in length ({tr.shape[1]} vs {te.shape[1]})")
-    vocab = int(vocab_size) if vocab_size is not None else int(max(tr.max(), te.max())) + 1
-    if max(tr.max(), te.max()) >= vocab:
-        raise ConfigError(f"dataset: token ids reach {max(tr.max(), te.max())} but dataset.vocab_size={vocab}")
+        train, test = _split(len(parts[0][0]), seed, test_fraction)
+        parts = [(parts[0][0][train], parts[0][1][train]), (parts[0][0][test], parts[0][1][test])]
+    width = max(ids.shape[1] for ids, _ in parts)  # pad the splits to one length (right padding)
+    parts = [(np.pad(ids, ((0, 0), (0, width - ids.shape[1]))),
+              np.pad(lab, ((0, 0), (0, width - lab.shape[1])), constant_values=IGNORE)) for ids, lab in parts]
+    (tr, tr_lab), (te, te_lab) = parts
+    top = int(max(tr.max(), te.max(), tr_lab.max(), te_lab.max()))
+    vocab = int(vocab_size) if vocab_size is not None else top + 1
+    if top >= vocab:
+        raise ConfigError(f"dataset: token ids reach {top} but dataset.vocab_size={vocab}")
+    unsupervised = np.flatnonzero((te_lab[:, 1:] == IGNORE).all(1))
+    if len(unsupervised):
+        raise ConfigError(f"dataset: test sequence {unsupervised[0]} has no supervised next token (its loss f_j "
+                          "would be undefined)")
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    return Dataset(name, t(tr[:, :-1]), t(tr[:, 1:]), t(te[:, :-1]), t(te[:, 1:]), n_classes=vocab)
+    return Dataset(name, t(tr[:, :-1]), t(tr_lab[:, 1:]), t(te[:, :-1]), t(te_lab[:, 1:]), n_classes=vocab)
 
 
 def token_ids(seed: int, *, path: str = None, train_path: str = None, test_path: str = None,
               test_fraction: float = 0.2, vocab_size: int = None):
-    """Token id sequences of one length L: an .npy (N, L) or a .jsonl of {"input_ids": [...]}."""
+    """Token id sequences: an .npy (N, L), an .npz with input_ids (and labels), or a .jsonl of
+    {"input_ids": [...], "labels": [...] (optional; -100 = not supervised)}, right-padded to one length."""
     parts = [_token_rows(str(p)) for p in _paths(path, train_path, test_path)]
     return _language("token_ids", parts, seed, test_fraction, vocab_size)
 
 
 def text_file(seed: int, *, path: str = None, train_path: str = None, test_path: str = None,
-              context: int = 32, test_fraction: float = 0.2):
-    """A plain UTF-8 text file cut into non-overlapping chunks of context + 1 characters (the
-    alphabet of text_chars; other characters become '?')."""
+              context: int = 32, test_fraction: float = 0.2, tokenizer: str = None):
+    """A plain UTF-8 text file cut into non-overlapping chunks of context + 1 ids: characters (the
+    alphabet of text_chars; other characters become '?'), or with `tokenizer` (a folder written by
+    a transformers tokenizer's save_pretrained, or a hub name) its tokens."""
     import numpy as np
 
     from magic_cli.data.text import ALPHABET
 
     if not isinstance(context, int) or context < 1:
         raise ConfigError(f"dataset.context must be a positive integer, got {context!r}")
-    index = {c: i for i, c in enumerate(ALPHABET)}
+    if tokenizer is None:
+        index = {c: i for i, c in enumerate(ALPHABET)}
+        encode, vocab, unit = (lambda text: [index.get(c, index["?"]) for c in text]), len(ALPHABET), "characters"
+    else:
+        tok = load_tokenizer(tokenizer)
+        encode, vocab, unit = (lambda text: tok(text)["input_ids"]), len(tok), "tokens"
     parts = []
     for p in _paths(path, train_path, test_path):
         try:
             text = Path(p).read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError) as e:
             raise ConfigError(f"dataset: {p} is not a UTF-8 text file ({e})") from None
-        ids = np.array([index.get(c, index["?"]) for c in text], dtype=np.int64)
+        ids = np.array(encode(text), dtype=np.int64)
         n = len(ids) // (context + 1)
         if n < 2:
-            raise ConfigError(f"dataset: {p} has {len(text)} characters: too few for chunks of {context + 1}")
-        parts.append(ids[: n * (context + 1)].reshape(n, context + 1))
-    return _language("text_file", parts, seed, test_fraction, len(ALPHABET))
+            raise ConfigError(f"dataset: {p} has {len(ids)} {unit}: too few for chunks of {context + 1}")
+        chunks = ids[: n * (context + 1)].reshape(n, context + 1)
+        parts.append((chunks, chunks))
+    return _language("text_file", parts, seed, test_fraction, vocab)
+
+
+def load_tokenizer(name: str):
+    """A transformers tokenizer from a save_pretrained folder or a hub name (one line otherwise)."""
+    from magic_cli.models.hf import _transformers, resolve_path
+
+    folder = resolve_path(name, weights=False)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():  # e.g. "longer than the model's maximum length": the chunks are cut here
+            warnings.simplefilter("ignore")
+            tok = _transformers().AutoTokenizer.from_pretrained(str(folder))
+        tok.model_max_length = int(1e30)
+        return tok
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"dataset.tokenizer: {name} is not a transformers tokenizer "
+                          f"({' '.join(str(e).split())[:160]})") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 from magic_cli.contracts import Model, ModelBuilder
 from magic_cli.errors import ConfigError
 from magic_cli.models.cnn import cnn_small, resnet9
+from magic_cli.models.hf import hf_causal_lm
 from magic_cli.models.mlp import logreg, mlp
 from magic_cli.models.transformer import transformer
 
@@ -26,13 +27,14 @@ MODELS: dict[str, ModelBuilder] = {
     "cnn_small": cnn_small,
     "resnet9": resnet9,
     "transformer": transformer,
+    "hf_causal_lm": hf_causal_lm,
 }
 
 
 # What each model takes: feature vectors (N, F), images (N, C, H, W; the MLPs flatten them) or
 # token ids (N, L).
 MODEL_INPUTS = {"mlp": ("features", "images"), "logreg": ("features", "images"), "cnn_small": ("images",),
-                "resnet9": ("images",), "transformer": ("tokens",)}
+                "resnet9": ("images",), "transformer": ("tokens",), "hf_causal_lm": ("tokens",)}
 
 
 def input_kind(x) -> str:

@@ -12,6 +12,8 @@
   writing them in place (an in-place update would break the reverse pass).
 - `trainable`: glob patterns of parameter names (default all). Frozen parameters are constants
   held by the model: outside the optimizer state and the adjoint.
+- Tied parameters (one nn.Parameter under two names, e.g. input and output embeddings) are one
+  tensor under the first name: one gradient summing both uses, one pair of Adam moments.
 - Randomness inside the module (dropout with p > 0) is refused with one line: it would draw from
   the global RNG, and the training run would no longer be a function of the data weights.
 """
@@ -117,7 +119,7 @@ class ModuleModel:
         self.init_from, self.trainable = init_from, tuple(trainable)
         self.module = self._build(seed=0)
         self.bn_names = _make_pure(self.module)
-        names = [n for n, _ in self.module.named_parameters()]
+        names = [n for n, _ in self.module.named_parameters()]  # a tied parameter under its first name only
         self.train_names = [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in self.trainable)]
         if not self.train_names:
             raise ConfigError(f"model.trainable={list(self.trainable)} matches none of the model's parameters "
@@ -125,12 +127,22 @@ class ModuleModel:
         self.frozen: dict = {}  # name -> float64 CPU constant, set by init()
         self._frozen_cast: tuple = (None, {})  # ((device, dtype), frozen tensors cast to them)
 
+    def _construct(self):
+        """The nn.Module, built under the seeded RNG (subclasses build theirs another way)."""
+        return self.factory(self.input_shape, self.n_classes, **self.options)
+
+    def _forward(self, tensors: dict, x):
+        """The module's logits for x with its tensors replaced by `tensors` (tied ones stay tied)."""
+        from torch.func import functional_call
+
+        return functional_call(self.module, tensors, (x,), tie_weights=True, strict=False)
+
     def _build(self, seed: int):
         import torch
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            module = self.factory(self.input_shape, self.n_classes, **self.options)
+            module = self._construct()
         if not isinstance(module, torch.nn.Module):
             raise ConfigError(f"the model factory {self.factory.__name__} returned {type(module).__name__}, "
                               "not a torch.nn.Module")
@@ -156,11 +168,12 @@ class ModuleModel:
                                       f"the model's is {tuple(state[k].shape)}")
                 state[k] = v.detach().clone()
         as64 = lambda v: v.to(torch.float64) if v.is_floating_point() else v  # noqa: E731
-        param_names = {n for n, _ in module.named_parameters()}
+        unique = [n for n, _ in module.named_parameters()]
+        aliases = {n for n, _ in module.named_parameters(remove_duplicate=False)}  # + second names of tied ones
         params = {k: as64(state[k]) for k in self.train_names}
-        self.frozen = {k: as64(state[k]) for k in param_names - set(self.train_names)}
+        self.frozen = {k: as64(state[k]) for k in unique if k not in params}
         self._frozen_cast = (None, {})
-        buffers = {k: as64(v) for k, v in state.items() if k not in param_names}
+        buffers = {k: as64(v) for k, v in state.items() if k not in aliases}
         return params, buffers
 
     def _frozen_on(self, device, dtype) -> dict:
@@ -170,8 +183,6 @@ class ModuleModel:
         return self._frozen_cast[1]
 
     def apply(self, params, buffers, x, train: bool, taps=None):
-        from torch.func import functional_call
-
         if taps is not None:
             raise ConfigError("ekfac needs the built-in models (its K-FAC taps); use another method")
         sinks = {}
@@ -180,7 +191,7 @@ class ModuleModel:
             bn.sink = sinks.setdefault(name, {})
         frozen = self._frozen_on(x.device, next(iter(params.values())).dtype)
         self.module.train(train)
-        out = functional_call(self.module, {**frozen, **params, **buffers}, (x,), tie_weights=True, strict=False)
+        out = self._forward({**frozen, **params, **buffers}, x)
         new_buffers = dict(buffers)
         for name, sink in sinks.items():
             for key, value in sink.items():
