@@ -68,7 +68,7 @@ def identity(config, record: dict) -> dict:
 def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_factory) -> dict:
     from magic_cli.baselines import BASELINES
     from magic_cli.config import parse_test_ids
-    from magic_cli.metagrad import ReverseStats, reverse_pass
+    from magic_cli.metagrad import ReverseStats, reverse_pass_shared
     from magic_cli.progress import no_progress
     from magic_cli.run_dir import npy_bytes, save_artifact, status
     from magic_cli.train import load_final_and_stored
@@ -86,30 +86,34 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
     if todo:
         final, stored = load_final_and_stored(problem, run, record)
         done = 0
-        for group in todo:
-            done += len(group)
-            label = f"{method} {len(group)} id{'s' if len(group) > 1 else ''} ({done}/{sum(map(len, todo))})"
+        for passes in _passes(todo, method, config):
+            n_ids = sum(map(len, passes))
+            done += n_ids
+            label = (f"{method} {n_ids} id{'s' if n_ids > 1 else ''}"
+                     f"{f' in {len(passes)} groups' if len(passes) > 1 else ''} ({done}/{sum(map(len, todo))})")
             begin = time.perf_counter()
             if method == "magic":
                 with (progress_factory or no_progress)(label, problem.total_steps) as advance:
-                    scores, st = reverse_pass(problem, final, stored, config.checkpoint.name, config.checkpoint.k,
-                                              group, output, progress=advance)
+                    results, st = reverse_pass_shared(problem, final, stored, config.checkpoint.name,
+                                                      config.checkpoint.param, passes, output, progress=advance)
                 stats.peak_states = max(stats.peak_states, st.peak_states)
                 stats.forward_steps += st.forward_steps
-                scores = scores.cpu().numpy()
+                results = [r.cpu().numpy() for r in results]
             else:
                 options = settings["options"]
-                scores = BASELINES[method](problem, final, group, output, options).T.to(problem.dtype).cpu().numpy()
+                results = [BASELINES[method](problem, final, group, output, options).T.to(problem.dtype).cpu().numpy()
+                           for group in passes]
             seconds = time.perf_counter() - begin
             stats.seconds += seconds
-            for j, test_id in enumerate(group):
-                save_artifact(run.test_scores(method, test_id), npy_bytes(scores[j]),
-                              {**key, "test_id": test_id, "group": group, "seconds": seconds / len(group)})
+            for group, scores in zip(passes, results):
+                for j, test_id in enumerate(group):
+                    save_artifact(run.test_scores(method, test_id), npy_bytes(scores[j]),
+                                  {**key, "test_id": test_id, "group": group, "seconds": seconds / n_ids})
     invocation = {
         "method": method, "output": output, "test_ids": ids, "ids_computed": sum(map(len, todo)),
         "seconds": stats.seconds, "peak_states": stats.peak_states, "forward_steps": stats.forward_steps,
         "steps": problem.total_steps, "batch_size": config.attribute.batch_size,
-        "checkpoint": {"name": config.checkpoint.name, "k": config.checkpoint.k},
+        "checkpoint": {"name": config.checkpoint.name, "param": config.checkpoint.param},
     }
     side = merge_scores(run, method, key, settings, invocation)
     missing = [i for i in ids if i not in set(side["test_ids"])]
@@ -117,6 +121,16 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
         raise StageError(f"test ids {missing[:5]} of {run.attribute_dir(method)} were overwritten while this "
                          "command ran; run it again")
     return {**invocation, "shape": side["shape"], "merged_ids": len(side["test_ids"])}
+
+
+def _passes(todo: list[list[int]], method: str, config) -> list[list[list[int]]]:
+    """The groups each reverse pass takes. With a strategy that recomputes states (sqrt, replay,
+    binomial), up to attribute.replay_groups groups (0: all) share one replay of training; with
+    `all` (nothing recomputed) and for the baselines, one group per pass, each written as it ends."""
+    share = config.attribute.replay_groups or len(todo)
+    if method != "magic" or config.checkpoint.name == "all":
+        share = 1
+    return [todo[i:i + share] for i in range(0, len(todo), share)]
 
 
 def _prepare_folder(run, method, settings, fingerprint, overwrite) -> None:

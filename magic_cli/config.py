@@ -114,12 +114,21 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    name: str = "all"  # all | sqrt | replay
+    name: str = "all"  # all | sqrt | replay | binomial (replay.py)
     k: int = 4  # replay branching factor
+    memory: int = 16  # binomial: the most states held at once in the reverse pass
 
     def __post_init__(self):
-        _choice("checkpoint.name", self.name, ("all", "sqrt", "replay"))
+        from magic_cli.replay import STRATEGIES
+
+        _choice("checkpoint.name", self.name, STRATEGIES)
         _check(self.k >= 2, f"checkpoint.k must be >= 2, got {self.k}")
+        _check(self.memory >= 3, f"checkpoint.memory must be >= 3 states, got {self.memory}")
+
+    @property
+    def param(self) -> int:
+        """The strategy's parameter: replay's k, binomial's memory (others have none)."""
+        return self.memory if self.name == "binomial" else self.k
 
 
 METHODS = ("magic", "grad-dot", "tracin", "trak", "ekfac")
@@ -151,6 +160,7 @@ class AttributeConfig:
     method: str = "magic"
     output: str = "loss"  # loss | margin
     batch_size: int = 64  # test ids per reverse pass
+    replay_groups: int = 0  # groups of batch_size ids sharing one replay of training (0: all asked)
     trak: TrakConfig = field(default_factory=TrakConfig)
     ekfac: EkfacConfig = field(default_factory=EkfacConfig)
 
@@ -158,6 +168,7 @@ class AttributeConfig:
         _choice("attribute.method", self.method, METHODS)
         _choice("attribute.output", self.output, OUTPUTS)
         _check(self.batch_size >= 1, f"attribute.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.replay_groups >= 0, f"attribute.replay_groups must be >= 0, got {self.replay_groups}")
 
 
 @dataclass(frozen=True)
@@ -458,6 +469,8 @@ def _check_applicable(raw: dict) -> None:
     ck = raw.get("checkpoint", {})
     _check("k" not in ck or ck.get("name") == "replay",
            f"checkpoint.k applies only to checkpoint=replay, not checkpoint={ck.get('name')}; remove it")
+    _check("memory" not in ck or ck.get("name") == "binomial",
+           f"checkpoint.memory applies only to checkpoint=binomial, not checkpoint={ck.get('name')}; remove it")
 
 
 def to_yaml(raw: dict) -> str:

@@ -58,10 +58,23 @@ def output_cotangents(problem: Problem, state: TrainState, test_ids, output: str
 
 def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: str, k: int,
                  test_ids: list[int], output: str, progress=None):
-    """scores (J, N) in the run's dtype for the test ids, and ReverseStats.
+    """scores (J, N) in the run's dtype for the test ids, and ReverseStats (one group)."""
+    scores, stats = reverse_pass_shared(problem, final, stored, strategy, k, [list(test_ids)], output, progress)
+    return scores[0], stats
 
-    `stored` maps the checkpoint steps `train` stored to states or lazy loaders. The final
-    state, and for sqrt/replay every stored state, is compared bitwise with its recomputation.
+
+def reverse_pass_shared(problem: Problem, final: TrainState, stored: dict, strategy: str, k: int,
+                        groups: list[list[int]], output: str, progress=None):
+    """[scores (J_g, N) per group], ReverseStats: one walk back over the states for all groups.
+
+    Each state s_t is recomputed (or loaded) once and used by every group, so a replay costs the
+    same for one group as for many; each group's reverse step is the one a pass of its own would
+    take (the same vmap over the same ids), so its scores are bit-identical to a separate pass.
+    The price is memory: every group's cotangents are held together.
+
+    `stored` maps the checkpoint steps `train` stored to states or lazy loaders; k is the
+    strategy's parameter (replay's branching factor, binomial's memory). The final state, and for
+    the strategies that recompute, every stored state, is compared bitwise with its recomputation.
     """
     import torch
 
@@ -71,26 +84,29 @@ def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: st
     start = time.perf_counter()
     states = ReverseStates(lambda s, t: problem.step(s, t), stored, T, strategy, k)
     # Recomputed states are checked bitwise where `train` stored one: the final state, and for
-    # sqrt/replay every stored checkpoint (with `all` nothing else is recomputed).
+    # sqrt/replay/binomial every stored checkpoint (with `all` nothing else is recomputed).
     check_at = {T: final} if strategy == "all" else {**stored, T: final}
-    lam = output_cotangents(problem, final, test_ids, output)
-    scores = torch.zeros(len(test_ids), problem.dataset.n_train, dtype=problem.dtype, device=problem.device)
+    lams = [output_cotangents(problem, final, ids, output) for ids in groups]
+    scores = [torch.zeros(len(ids), problem.dataset.n_train, dtype=problem.dtype, device=problem.device)
+              for ids in groups]
     for done, (t, s_t) in enumerate(states):
-        s_next, lam, beta = reverse_step(problem, s_t, t, lam, need_next=t + 1 in check_at)
-        if t + 1 in check_at:
-            expected = check_at[t + 1]
-            expected = expected() if callable(expected) else expected
-            if not states_equal(s_next, expected):
-                raise NonDeterminismError(
-                    f"training is not deterministic: the state after step {t + 1} recomputed in the "
-                    f"reverse pass differs from the one `magic train` stored")
-        # A NaN/Inf in the adjoint reaches the weight cotangents beta within a step or two; checking
-        # beta (J, B) is cheap, where checking every leaf of the state would cost a pass per step.
-        if not bool(torch.isfinite(beta.sum())):
-            raise NonFiniteAdjointError(
-                f"the adjoint became NaN/Inf around step {t}: increase optimizer.eps_root or lower "
-                f"optimizer.lr")
-        scores[:, problem.schedule[t].to(problem.device)] += beta
+        for g in range(len(groups)):
+            check = g == 0 and t + 1 in check_at
+            s_next, lams[g], beta = reverse_step(problem, s_t, t, lams[g], need_next=check)
+            if check:
+                expected = check_at[t + 1]
+                expected = expected() if callable(expected) else expected
+                if not states_equal(s_next, expected):
+                    raise NonDeterminismError(
+                        f"training is not deterministic: the state after step {t + 1} recomputed in the "
+                        f"reverse pass differs from the one `magic train` stored")
+            # A NaN/Inf in the adjoint reaches the weight cotangents beta within a step or two; checking
+            # beta (J, B) is cheap, where checking every leaf of the state would cost a pass per step.
+            if not bool(torch.isfinite(beta.sum())):
+                raise NonFiniteAdjointError(
+                    f"the adjoint became NaN/Inf around step {t}: increase optimizer.eps_root or lower "
+                    f"optimizer.lr")
+            scores[g][:, problem.schedule[t].to(problem.device)] += beta
         if progress is not None:
             progress(done + 1)
     stats = ReverseStats(time.perf_counter() - start, states.peak_states, states.forward_steps, T)

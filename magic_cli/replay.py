@@ -11,17 +11,61 @@ tree over the states 0..T (Engstrom et al. 2025, "REPLAY"):
 The root's boundaries are the checkpoints `train` stores; the strategies differ only in how
 a segment is split:
 
-    all     root = every state                  -> no recomputation, T+1 states
-    sqrt    root = ~sqrt(T) states, then every step of one segment at a time  -> ~2 sqrt(T)
-    replay  root = k+1 states, then k-ary below -> <= k * ceil(log_k T) states, ~T log_k T steps
+    all       root = every state                  -> no recomputation, T+1 states
+    sqrt      root = ~sqrt(T) states, then every step of one segment at a time  -> ~2 sqrt(T)
+    replay    root = k+1 states, then k-ary below -> <= k * ceil(log_k T) states, ~T log_k T steps
+    binomial  at most M states (checkpoint.memory): Revolve (Griewank & Walther 2000), two
+              children split where the binomial rule puts them, which needs the fewest
+              recomputed steps any schedule can with M states (tests check it against a DP)
 
 Recomputation is exactly the training step, so every state is bit-identical to training's.
+
+The strategy's parameter `k` is replay's branching factor and binomial's memory M (in states).
 """
 
 from __future__ import annotations
 
 import math
+from math import comb
 from typing import Callable, Iterator
+
+STRATEGIES = ("all", "sqrt", "replay", "binomial")
+
+
+def _beta(s: int, r: int) -> int:
+    """beta(s, r) = C(s + r, s): the most steps s checkpoints reverse with each step run <= r times."""
+    return comb(s + r, s) if r >= 0 else 0
+
+
+def binomial_split(free: int, length: int) -> int:
+    """Revolve's first checkpoint offset for reversing `length` >= 2 steps from a held state with
+    `free` >= 1 more states to keep: the start of Griewank's optimal range (s = free + 1 counts the
+    held state; r is the fewest repetitions with beta(s, r) >= length)."""
+    s, r = free + 1, 0
+    while _beta(s, r) < length:
+        r += 1
+    return max(1, _beta(s, r - 2), length - _beta(s - 1, r))
+
+
+def binomial_cost(free: int, length: int) -> int:
+    """The fewest forward steps to reverse `length` steps from a held state with `free` more
+    states: r * length - beta(s, r - 1) with s = free + 1 (Griewank & Walther 2000)."""
+    if length <= 1:
+        return 0
+    s, r = free + 1, 0
+    while _beta(s, r) < length:
+        r += 1
+    return r * length - comb(s + r, r - 1)
+
+
+def binomial_root(total_steps: int, memory: int) -> list[int]:
+    """The states the first forward sweep of the binomial schedule keeps (`train` stores them)."""
+    bounds, lo, held = [0], 0, 1
+    while total_steps - lo >= 2 and memory - held - 2 >= 1:
+        lo += binomial_split(memory - held - 2, total_steps - lo)
+        bounds.append(lo)
+        held += 1
+    return bounds + [total_steps]
 
 
 def kary_split(lo: int, hi: int, k: int) -> list[int]:
@@ -39,7 +83,9 @@ def root_boundaries(strategy: str, total_steps: int, k: int = 4) -> list[int]:
         return kary_split(0, T, max(1, math.ceil(math.sqrt(T))))
     if strategy == "replay":
         return kary_split(0, T, k)
-    raise ValueError(f"checkpoint.name={strategy!r} is not valid; choose one of: all, sqrt, replay")
+    if strategy == "binomial":
+        return binomial_root(T, k)
+    raise ValueError(f"checkpoint.name={strategy!r} is not valid; choose one of: {', '.join(STRATEGIES)}")
 
 
 class ReverseStates:
@@ -70,6 +116,9 @@ class ReverseStates:
             return list(range(lo, hi + 1))
         if self.strategy == "replay":
             return kary_split(lo, hi, self.k)
+        if self.strategy == "binomial":  # free: what M allows besides the held states and a sweep's two
+            free = self.k - self.held - 2
+            return [lo, lo + binomial_split(free, hi - lo), hi] if free >= 1 else []
         raise AssertionError("strategy 'all' stores every state and never splits below the root")
 
     def __iter__(self) -> Iterator[tuple[int, object]]:
@@ -89,6 +138,9 @@ class ReverseStates:
             self.held -= 1
             return
         bounds = self._split(lo, hi)
+        if not bounds:  # no state to spare: recompute each state from s_lo (binomial's last resort)
+            yield from self._recompute_each(lo, hi, s_lo)
+            return
         kept = {lo: s_lo}
         state, state_is_transient = s_lo, False
         for t in range(lo, bounds[-2]):
@@ -103,3 +155,15 @@ class ReverseStates:
                 self.held += 1
         for a, b in reversed(list(zip(bounds[:-1], bounds[1:]))):
             yield from self._expand(a, b, kept.pop(a))
+
+    def _recompute_each(self, lo: int, hi: int, s_lo) -> Iterator[tuple[int, object]]:
+        """Yield s_{hi-1} ... s_lo, each recomputed from s_lo, holding no state but s_lo."""
+        for target in range(hi - 1, lo, -1):
+            state = s_lo
+            for t in range(lo, target):
+                state = self.forward(state, t)
+                self.forward_steps += 1
+                self.peak_states = max(self.peak_states, self.held + 1 + (t > lo))
+            yield target, state
+        yield lo, s_lo
+        self.held -= 1

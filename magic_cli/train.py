@@ -249,9 +249,9 @@ def states_equal(a: TrainState, b: TrainState) -> bool:
 
 # --- checkpoint files ------------------------------------------------------------------------
 
-def checkpoint_tag(strategy: str, k: int) -> str:
-    """The name of a strategy's checkpoint file: all | sqrt | replay<k>."""
-    return f"replay{k}" if strategy == "replay" else strategy
+def checkpoint_tag(strategy: str, param: int) -> str:
+    """The name of a strategy's checkpoint file: all | sqrt | replay<k> | binomial<memory>."""
+    return f"{strategy}{param}" if strategy in ("replay", "binomial") else strategy
 
 
 def checkpoints_bytes(states: dict) -> bytes:
@@ -299,7 +299,7 @@ def load_final_and_stored(problem: Problem, run, record: dict) -> tuple[TrainSta
     template = problem.init_state()  # the shape of a state (also s_0)
     final = load_state(run.final_state, template, problem.device)
     ck = problem.config.checkpoint
-    path = run.checkpoints(checkpoint_tag(ck.name, ck.k))
+    path = run.checkpoints(checkpoint_tag(ck.name, ck.param))
     if not path.exists():
         derive_checkpoints(problem, run, record, final, template)
     verify(path, expect, REPAIR)
@@ -316,7 +316,7 @@ def derive_checkpoints(problem: Problem, run, record: dict, final: TrainState, t
     verify(source, {"fingerprint": record["fingerprint"]}, REPAIR)
     stored = load_checkpoints(source, template, problem.device)
     ck, T = problem.config.checkpoint, problem.total_steps
-    keep = set(root_boundaries(ck.name, T, ck.k))
+    keep = set(root_boundaries(ck.name, T, ck.param))
 
     def check(t, state):
         expected = final if t == T else stored[t]() if t in stored else None
@@ -326,7 +326,7 @@ def derive_checkpoints(problem: Problem, run, record: dict, final: TrainState, t
                                       "derived")
 
     _, kept, _ = problem.run(keep=keep, check=check)
-    save_artifact(run.checkpoints(checkpoint_tag(ck.name, ck.k)), checkpoints_bytes({t: kept[t] for t in keep}),
+    save_artifact(run.checkpoints(checkpoint_tag(ck.name, ck.param)), checkpoints_bytes({t: kept[t] for t in keep}),
                   {"fingerprint": record["fingerprint"], "steps": sorted(keep)})
 
 
@@ -370,7 +370,7 @@ def _train_stage(config, run, overrides, overwrite, progress_factory) -> dict:
         elif record is not None and record["fingerprint"] != fingerprint:
             raise StageError(f"{run.root} holds a run trained with a different config; choose another name=/out_dir= "
                              "or pass --overwrite (which deletes its attributions and ground truth)")
-        tag = checkpoint_tag(config.checkpoint.name, config.checkpoint.k)
+        tag = checkpoint_tag(config.checkpoint.name, config.checkpoint.param)
         names = sorted({*(record["files"] if record else []), run.final_state.name, run.checkpoints(tag).name,
                         *(run.train_outputs(o).name for o in OUTPUT_FUNCTIONS)})
         expect = {"fingerprint": fingerprint}
@@ -445,13 +445,17 @@ def _train_and_write(config, run, overrides, record, names, states, progress_fac
     save_record(run.fingerprint_json, {
         "fingerprint": fingerprint, "slice": config.training_slice(), "steps": T, "metrics": metrics,
         "files": names, "checkpoint_tag": record["checkpoint_tag"] if record else
-        checkpoint_tag(config.checkpoint.name, config.checkpoint.k)})
+        checkpoint_tag(config.checkpoint.name, config.checkpoint.param)})
     status = "trained" if record is None and not repaired else "repaired"
     return {**metrics, **seconds_now, "status": status, "repaired": repaired}
 
 
 def _strategy_of(tag: str) -> tuple[str, int]:
-    return ("replay", int(tag[len("replay"):])) if tag.startswith("replay") else (tag, 4)
+    """(strategy, parameter) of a checkpoint tag (checkpoint_tag's inverse)."""
+    for strategy in ("replay", "binomial"):
+        if tag.startswith(strategy):
+            return strategy, int(tag[len(strategy):])
+    return tag, 4
 
 
 DIVERGED = 3.0  # a final train loss above this multiple of the loss at initialisation: diverged

@@ -68,14 +68,31 @@ def test_strategies_give_bit_identical_scores(cli, tmp_path):
     base, side = _attribute(cli, tmp_path / "all", "0:6", "checkpoint=all")
     assert side["peak_states"] == side["steps"]
     for name, extra in [("sqrt", ["checkpoint=sqrt"])] + [
-            (f"replay{k}", ["checkpoint=replay", f"checkpoint.k={k}"]) for k in (2, 3, 4)]:
+            (f"replay{k}", ["checkpoint=replay", f"checkpoint.k={k}"]) for k in (2, 3, 4)] + [
+            (f"binomial{m}", ["checkpoint=binomial", f"checkpoint.memory={m}"]) for m in (3, 5)]:
         scores, side = _attribute(cli, tmp_path / name, "0:6", *extra)
         assert scores.tobytes() == base.tobytes(), name
         T = side["steps"]
         if name.startswith("replay"):
-            k = side["checkpoint"]["k"]
+            k = side["checkpoint"]["param"]
             assert side["peak_states"] <= k * _ceil_log(T, k) + 2
             assert side["forward_steps"] > 0
+        if name.startswith("binomial"):
+            assert side["peak_states"] <= side["checkpoint"]["param"] and side["forward_steps"] > 0
+
+
+@pytest.mark.parametrize("strategy", [["checkpoint=replay", "checkpoint.k=2"],
+                                      ["checkpoint=binomial", "checkpoint.memory=4"]])
+def test_groups_share_one_replay_with_the_scores_of_separate_passes(cli, tmp_path, strategy):
+    """Three groups of 2 ids: one replay for all (replay_groups=0) recomputes a third of the
+    steps of one replay per group (replay_groups=1), with bit-identical scores."""
+    groups = ["attribute.batch_size=2"]
+    shared, side = _attribute(cli, tmp_path / "shared", "0:6", *strategy, *groups)
+    separate, side_sep = _attribute(cli, tmp_path / "separate", "0:6", *strategy, *groups, "attribute.replay_groups=1")
+    assert shared.tobytes() == separate.tobytes()
+    assert side_sep["forward_steps"] == 3 * side["forward_steps"] > 0
+    alone, _ = _attribute(cli, tmp_path / "alone", "2:4", *strategy, *groups)
+    assert alone.tobytes() == shared[:, 2:4].tobytes()  # a group's scores do not depend on its company
 
 
 def _ceil_log(T: int, k: int) -> int:
@@ -94,6 +111,63 @@ def test_replay_iterator_order_and_memory_bound(T, k):
     assert list(it) == [(t, t) for t in reversed(range(T))]
     assert it.peak_states <= k * _ceil_log(T, k) + 2
     assert it.forward_steps <= T * max(1, _ceil_log(T, k))
+
+
+@pytest.mark.parametrize("memory", [3, 4, 5, 8, 16])
+@pytest.mark.parametrize("T", [1, 2, 5, 9, 27, 64, 100, 333])
+def test_binomial_iterator_order_memory_and_optimal_cost(T, memory):
+    """At most `memory` states, and exactly Revolve's minimal number of forward steps (the first
+    sweep is `train`'s, which stores its checkpoints)."""
+    from magic_cli.replay import binomial_cost
+
+    root = root_boundaries("binomial", T, memory)
+    it = ReverseStates(lambda s, t: s + 1, {t: t for t in root}, T, "binomial", memory)
+    assert list(it) == [(t, t) for t in reversed(range(T))]
+    assert it.peak_states <= memory
+    assert it.forward_steps + (root[-2] if T > 1 else 0) == binomial_cost(memory - 3, T)
+
+
+def test_binomial_split_is_optimal_against_dynamic_programming():
+    """cost(l, c) = min over the first checkpoint m of m + cost(l-m, c-1) + cost(m, c), with
+    cost(l, 0) = l(l-1)/2 (recompute every state from the held one): the closed form and the
+    rule's schedule both reach the minimum."""
+    from functools import lru_cache
+
+    from magic_cli.replay import binomial_cost, binomial_split
+
+    @lru_cache(maxsize=None)
+    def best(length, free):
+        if length <= 1:
+            return 0
+        if free == 0:
+            return length * (length - 1) // 2
+        return min(m + best(length - m, free - 1) + best(m, free) for m in range(1, length))
+
+    @lru_cache(maxsize=None)
+    def rule(length, free):
+        if length <= 1:
+            return 0
+        if free == 0:
+            return length * (length - 1) // 2
+        m = binomial_split(free, length)
+        return m + rule(length - m, free - 1) + rule(m, free)
+
+    for length in range(1, 90):
+        for free in range(0, 6):
+            assert rule(length, free) == best(length, free) == binomial_cost(free, length), (length, free)
+
+
+@pytest.mark.parametrize("T", [50, 200, 1000])
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+def test_binomial_recomputes_fewer_steps_than_replay_at_equal_memory(T, k):
+    def run(strategy, param):
+        it = ReverseStates(lambda s, t: s + 1, {t: t for t in root_boundaries(strategy, T, param)}, T, strategy, param)
+        assert list(it) == [(t, t) for t in reversed(range(T))]
+        return it.peak_states, it.forward_steps
+
+    peak, steps = run("replay", k)
+    peak_b, steps_b = run("binomial", peak)
+    assert peak_b <= peak and steps_b < steps
 
 
 @pytest.mark.parametrize("T", [1, 4, 10, 50])
