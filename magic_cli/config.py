@@ -176,12 +176,14 @@ class GroundTruthConfig:
     drop_fractions: tuple = (0.01, 0.05, 0.1, 0.2)
     num_subsets: int = 100
     seed: int = 0
+    batch: int = 1  # retrainings run at once in one process (torch.func.vmap over their data weights)
 
     def __post_init__(self):
         _check(len(self.drop_fractions) > 0, "ground_truth.drop_fractions must not be empty")
         for p in self.drop_fractions:
             _check(0 < p < 1, f"ground_truth.drop_fractions: {p} is not in (0, 1)")
         _check(self.num_subsets >= 2, f"ground_truth.num_subsets must be >= 2, got {self.num_subsets}")
+        _check(self.batch >= 1, f"ground_truth.batch must be >= 1, got {self.batch}")
 
 
 @dataclass(frozen=True)

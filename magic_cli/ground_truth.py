@@ -10,6 +10,11 @@ Masks are a pure function of (ground_truth.seed, p, k), so every machine, shard 
 count draws the same ones. Retrainings always run with one torch thread per process, so
 results are bit-identical whatever the shard and worker count. Only the parent process
 writes files, one atomic file per finished subset: a killed run loses the subsets in flight.
+
+With ground_truth.batch = G > 1, subsets run in fixed blocks k // G of G retrainings vmapped
+together in one process (train.Problem.run_batch), always whole: a block is retrained if any
+of its subsets is missing (also those past num_subsets, which are written too), so a subset's
+bits depend only on G. G is part of every subset's and merged file's identity.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 @dataclass
 class Task:
     p: float
-    k: int
+    ks: tuple  # the subsets retrained together: (k,), or a block of ground_truth.batch
 
 
 # --- one retraining (runs in the parent or in a worker process) -------------------------------
@@ -79,14 +84,23 @@ def _init_worker(raw_config: dict) -> None:
 
 
 def _retrain(task: Task):
-    """(task, outputs, fingerprint of the config this process trained with)."""
+    """(task, [outputs of each subset of the task], fingerprint of the config this process trained with)."""
     import torch
 
     problem = _WORKER["problem"]
-    mask = make_mask(problem.dataset.n_train, task.p, task.k, _WORKER["seed"])
-    weights = problem.weights * torch.as_tensor(mask, dtype=problem.dtype, device=problem.device)
-    final, _, _ = problem.run(weights=weights)
-    return task, problem.outputs(final), _WORKER["fingerprint"]
+    masks = make_masks_of(problem.dataset.n_train, task.p, task.ks, _WORKER["seed"])
+    weights = problem.weights * torch.as_tensor(masks, dtype=problem.dtype, device=problem.device)
+    if len(task.ks) == 1:
+        finals = [problem.run(weights=weights[0])[0]]
+    else:
+        finals = problem.run_batch(weights)
+    return task, [problem.outputs(f) for f in finals], _WORKER["fingerprint"]
+
+
+def make_masks_of(n_train: int, p: float, ks, seed: int):
+    import numpy as np
+
+    return np.stack([make_mask(n_train, p, k, seed) for k in ks])
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -94,16 +108,21 @@ def _retrain(task: Task):
 OUTPUTS = ("loss", "margin")
 
 
-def subset_identity(fingerprint: str, seed: int, p: float, k: int, mask) -> dict:
+def subset_identity(fingerprint: str, seed: int, p: float, k: int, mask, batch: int = 1) -> dict:
     """What a subset file must carry to be retraining k of drop fraction p of this run."""
     from magic_cli.run_dir import sha256_bytes
 
     return {"fingerprint": fingerprint, "seed": seed, "drop": f"{p:g}", "k": k,
-            "mask": sha256_bytes(mask.tobytes())[:16]}
+            "mask": sha256_bytes(mask.tobytes())[:16], **_batch_key(batch)}
 
 
-def merged_identity(fingerprint: str, seed: int, p: float) -> dict:
-    return {"fingerprint": fingerprint, "seed": seed, "drop": f"{p:g}"}
+def merged_identity(fingerprint: str, seed: int, p: float, batch: int = 1) -> dict:
+    return {"fingerprint": fingerprint, "seed": seed, "drop": f"{p:g}", **_batch_key(batch)}
+
+
+def _batch_key(batch: int) -> dict:
+    """ground_truth.batch in an identity (always: an absent key would match every batch)."""
+    return {"batch": batch}
 
 
 def ground_truth_stage(config, run, shard: str | None = None, workers: int = 1, progress_factory=None) -> dict:
@@ -134,9 +153,11 @@ def _ground_truth(config, run, record, index, count, workers, progress_factory) 
     for p in gt.drop_fractions:
         if round(p * n_train) == 0:
             raise ConfigError(f"ground_truth.drop_fractions: {p:g} of {n_train} training examples drops none")
-    masks = {p: make_masks(n_train, p, gt.num_subsets, gt.seed) for p in gt.drop_fractions}
-    identities = {(p, k): subset_identity(fingerprint, gt.seed, p, k, masks[p][k])
-                  for p in gt.drop_fractions for k in range(gt.num_subsets)}
+    G = gt.batch
+    m_all = -(-gt.num_subsets // G) * G  # whole blocks: the last one runs past num_subsets
+    masks = {p: make_masks(n_train, p, m_all, gt.seed) for p in gt.drop_fractions}
+    identities = {(p, k): subset_identity(fingerprint, gt.seed, p, k, masks[p][k], G)
+                  for p in gt.drop_fractions for k in range(m_all)}
     states = {key: status(run.subset(*key), ident) for key, ident in identities.items()}
     for key, st in states.items():
         if st == "stale":
@@ -145,36 +166,49 @@ def _ground_truth(config, run, record, index, count, workers, progress_factory) 
                 raise StageError(f"{run.ground_truth_dir(key[0])} holds retrainings drawn with ground_truth.seed="
                                  f"{old.get('seed')}; restore that setting or delete the folder")
 
-    todo = [Task(p, k) for (p, k), st in states.items() if k % count == index and st != "ok"]
-    redone = sum(states[(t.p, t.k)] != "missing" for t in todo)
+    # Blocks of G subsets (b = k // G), retrained whole where any of its first num_subsets is not valid;
+    # block b belongs to shard b % count.
+    todo = []
+    for p in gt.drop_fractions:
+        for b in range(m_all // G):
+            ks = tuple(range(b * G, (b + 1) * G))
+            if b % count == index and any(states[(p, k)] != "ok" for k in ks if k < gt.num_subsets):
+                todo.append(Task(p, ks))
+    write = {(t.p, k) for t in todo for k in t.ks if states[(t.p, k)] != "ok"}
+    redone = sum(states[key] != "missing" for key in write if key[1] < gt.num_subsets)
     for p in gt.drop_fractions:  # masks.npy: the masks of the subsets, for the user (score redraws them)
-        meta = {**merged_identity(fingerprint, gt.seed, p), "num_subsets": gt.num_subsets}
+        meta = {**merged_identity(fingerprint, gt.seed, p, G), "num_subsets": gt.num_subsets}
         if status(run.masks(p), meta) != "ok":
-            save_artifact(run.masks(p), npy_bytes(masks[p]), meta)
-    for task in todo:
-        remove_artifact(run.subset(task.p, task.k))  # damaged or of another run: never merged
+            save_artifact(run.masks(p), npy_bytes(masks[p][:gt.num_subsets]), meta)
+    for key in write:
+        remove_artifact(run.subset(*key))  # damaged or of another run: never merged
 
     start = time.perf_counter()
-    with (progress_factory or no_progress)(f"retrain (shard {index}/{count})", len(todo)) as advance:
-        for done, (task, outputs, worker_fingerprint) in enumerate(_run_tasks(config, todo, workers)):
+    n_done = 0
+    with (progress_factory or no_progress)(f"retrain (shard {index}/{count})", len(write)) as advance:
+        for task, outputs, worker_fingerprint in _run_tasks(config, todo, workers):
             if worker_fingerprint != fingerprint:
                 raise StageError("the training config changed while retraining (train.data_weights edited?); "
                                  "rerun `magic retrain-ground-truth`")
-            if not all(np.isfinite(outputs[o]).all() for o in OUTPUTS):
-                raise NonFiniteError(f"retraining {task.k} of drop fraction {task.p:g} gave NaN/Inf outputs: "
-                                     "training is unstable without these examples; lower optimizer.lr")
-            save_artifact(run.subset(task.p, task.k), npz_bytes(**outputs),
-                          {**identities[(task.p, task.k)], "device": config.device})
-            advance(done + 1)
+            for k, out in zip(task.ks, outputs):
+                if (task.p, k) not in write:
+                    continue  # intact: retrained only because its block was
+                if not all(np.isfinite(out[o]).all() for o in OUTPUTS):
+                    raise NonFiniteError(f"retraining {k} of drop fraction {task.p:g} gave NaN/Inf outputs: "
+                                         "training is unstable without these examples; lower optimizer.lr")
+                save_artifact(run.subset(task.p, k), npz_bytes(**out),
+                              {**identities[(task.p, k)], "device": config.device})
+                n_done += 1
+                advance(n_done)
     seconds = time.perf_counter() - start
 
-    merged = [p for p in gt.drop_fractions if _merge(run, p, gt.num_subsets, identities, fingerprint, gt.seed)]
-    return {"done": len(todo), "redone": redone, "merged": merged, "seconds": seconds,
-            "per_minute": 60 * len(todo) / seconds if todo and seconds > 0 else None,
+    merged = [p for p in gt.drop_fractions if _merge(run, p, gt.num_subsets, identities, fingerprint, gt.seed, G)]
+    return {"done": n_done, "redone": redone, "merged": merged, "seconds": seconds,
+            "per_minute": 60 * n_done / seconds if n_done and seconds > 0 else None,
             "total": len(gt.drop_fractions) * gt.num_subsets, "workers": workers}
 
 
-def _merge(run, p, m, identities, fingerprint, seed) -> bool:
+def _merge(run, p, m, identities, fingerprint, seed, batch) -> bool:
     """Write outputs_<o>.npy (m, n_test) of drop fraction p once all m subsets are valid."""
     import numpy as np
 
@@ -183,7 +217,7 @@ def _merge(run, p, m, identities, fingerprint, seed) -> bool:
     records = [valid_record(run.subset(p, k), identities[(p, k)]) for k in range(m)]
     if any(r is None for r in records):
         return False
-    meta = {**merged_identity(fingerprint, seed, p), "num_subsets": m,
+    meta = {**merged_identity(fingerprint, seed, p, batch), "num_subsets": m,
             "subsets": sha256_bytes("".join(r["sha256"] for r in records).encode())[:16]}
     if all(status(run.ground_truth_outputs(p, o), meta) == "ok" for o in OUTPUTS):
         return True
@@ -206,8 +240,14 @@ def load_ground_truth(run, config, fingerprint: str, p: float, output: str, n_tr
             return None
         raise StageError(f"ground truth for drop {p:g} is incomplete: run `magic retrain-ground-truth` to finish it")
     try:
-        side = verify(path, merged_identity(fingerprint, gt.seed, p))
+        side = verify(path, merged_identity(fingerprint, gt.seed, p, gt.batch))
     except ArtifactError as e:
+        from magic_cli.run_dir import load_json, sidecar
+
+        old = load_json(sidecar(path)) if e.reason == "stale" else {}
+        if old.get("fingerprint") == fingerprint and old.get("batch", 1) != gt.batch:
+            raise StageError(f"{folder} was retrained with ground_truth.batch={old.get('batch', 1)}; pass that, or "
+                             f"rerun `magic retrain-ground-truth` with ground_truth.batch={gt.batch}") from None
         raise StageError(f"{e}: rerun `magic retrain-ground-truth` to rebuild it") from None
     if side["num_subsets"] < gt.num_subsets:
         raise StageError(f"{folder} has {side['num_subsets']} retrainings but ground_truth.num_subsets="

@@ -192,6 +192,22 @@ class Problem:
             check(self.total_steps, state)
         return state, kept, seconds
 
+    def run_batch(self, weights) -> list:
+        """The final states of G trainings at once, one per row of `weights` (G, N): the training
+        step vmapped over the states and the batch weights (the batches are shared). Deterministic
+        for the same rows in the same order; the batched kernels may round otherwise than run()."""
+        import torch
+        from torch.func import vmap
+        from torch.utils._pytree import tree_map
+
+        G = int(weights.shape[0])
+        state = tree_map(lambda v: v.expand(G, *v.shape).clone(), self.init_state())
+        step = vmap(self.train_step, in_dims=(0, None, 0))
+        with torch.no_grad():
+            for t in range(self.total_steps):
+                state = step(state, self.batch(t), weights[:, self.schedule[t].to(self.device)])
+        return [tree_map(lambda v, g=g: v[g], state) for g in range(G)]
+
     def outputs(self, state: TrainState, x=None, y=None, chunk: int = 1024) -> dict:
         """Each example's loss, margin and correctness under `state` in eval mode (test split by
         default): float64 numpy (n,), computed in chunks of `chunk` examples."""
