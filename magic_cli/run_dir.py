@@ -2,7 +2,7 @@
 marker and the run lock.
 
     magic-run.json  config.yaml overrides.txt meta.json
-    train/        fingerprint.json  metrics.json  final.pt  checkpoints_<tag>.pt  outputs_{loss,margin}.npy
+    train/        fingerprint.json  metrics.json  final.pt  checkpoints_<tag>/state_<t>.pt  outputs_{loss,margin}.npy
     attribute/<method>/  settings.json  test_<id>.npy  scores.npy  scores.json  last_run.json
     ground_truth/drop_<p>/  masks.npy  subset_<k>.npz  outputs_{loss,margin}.npy
     report/       lds.csv summary.json report.md lds_vs_drop.png scatter_<method>_<p>.png
@@ -48,7 +48,8 @@ _TMP_TAG = f"{socket.gethostname()}~{os.getpid()}"  # in temporary names: who is
 
 # --- atomic writes --------------------------------------------------------------------------
 
-def _atomic_write(path: Path, data: bytes) -> Path:
+def _write_tmp(path: Path, data: bytes) -> Path:
+    """`data` in a temporary file beside `path` (named after its writer, see RunDir.clean)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}~{_TMP_TAG}~", suffix=".tmp", dir=path.parent)
@@ -58,11 +59,45 @@ def _atomic_write(path: Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return Path(tmp)
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    tmp = _write_tmp(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Path(path)
+
+
+class Staged:
+    """Artifacts written to temporary files now and put in place by commit() once the writer
+    knows they are right (e.g. training states, before the rest of training is checked); an
+    uncommitted file is a temporary file, which discard() or the next command's clean removes."""
+
+    def __init__(self):
+        self.items: list[tuple[Path, Path, dict]] = []
+
+    def add(self, path, data: bytes, meta: dict) -> None:
+        record = {**meta, "file": Path(path).name, "sha256": sha256_bytes(data), "bytes": len(data)}
+        self.items.append((_write_tmp(path, data), Path(path), record))
+
+    def commit(self) -> list[Path]:
+        for tmp, path, record in self.items:
+            os.replace(tmp, path)
+            save_json(sidecar(path), record)  # after the file, as save_artifact does
+        done, self.items = [p for _, p, _ in self.items], []
+        return done
+
+    def discard(self) -> None:
+        for tmp, _, _ in self.items:
+            tmp.unlink(missing_ok=True)
+        self.items = []
 
 
 def save_bytes(path, data: bytes) -> Path:
@@ -312,7 +347,11 @@ class RunDir:
         return self.train_dir / "metrics.json"
 
     def checkpoints(self, tag: str) -> Path:
-        return self.train_dir / f"checkpoints_{tag}.pt"
+        """The folder of one checkpoint strategy's stored states, one file per state."""
+        return self.train_dir / f"checkpoints_{tag}"
+
+    def checkpoint_state(self, tag: str, t: int) -> Path:
+        return self.checkpoints(tag) / f"state_{t:06d}.pt"
 
     @property
     def final_state(self) -> Path:

@@ -270,30 +270,33 @@ def checkpoint_tag(strategy: str, param: int) -> str:
     return f"{strategy}{param}" if strategy in ("replay", "binomial") else strategy
 
 
-def checkpoints_bytes(states: dict) -> bytes:
-    """The stored states {t: state} stacked into one tensor dict: 'steps' (n,) + each leaf (n, ...)."""
-    import torch
+def checkpoint_names(tag: str, total_steps: int) -> list[str]:
+    """The files of a strategy's stored states, relative to train/: one per root boundary."""
+    from magic_cli.replay import root_boundaries
 
+    strategy, param = _strategy_of(tag)
+    return [f"checkpoints_{tag}/state_{t:06d}.pt" for t in root_boundaries(strategy, total_steps, param)]
+
+
+def _step_of(name: str) -> int:
+    return int(name.rsplit("_", 1)[1][:-len(".pt")])
+
+
+def state_bytes(state: TrainState) -> bytes:
     from magic_cli.run_dir import tensors_bytes
 
-    steps = sorted(states)
-    flats = [flatten_state(states[t]) for t in steps]
-    stacked = {k: torch.stack([f[k] for f in flats]) for k in flats[0]}
-    return tensors_bytes({"steps": torch.tensor(steps), **stacked})
+    return tensors_bytes(flatten_state(state))
 
 
-def load_checkpoints(path, template: TrainState, device) -> dict:
-    """{t: loader} for the states of checkpoints_bytes; the file is memory-mapped, each state
-    is materialised on `device` only when its loader is called."""
-    from magic_cli.run_dir import load_tensors
+def load_checkpoints(run, tag: str, total_steps: int, template: TrainState, device, expect: dict) -> dict:
+    """{t: loader} of a strategy's stored states: every file is verified now (digest and run), and
+    read into memory on `device` only when its loader is called (the states stay on disk)."""
+    from magic_cli.run_dir import verify
 
-    data = load_tensors(path, mmap=True)
-    steps = data.pop("steps").tolist()
-
-    def loader(i):
-        return lambda: unflatten_state({k: v[i].to(device) for k, v in data.items()}, template)
-
-    return {t: loader(i) for i, t in enumerate(steps)}
+    paths = {_step_of(n): run.train_dir / n for n in checkpoint_names(tag, total_steps)}
+    for path in paths.values():
+        verify(path, expect, REPAIR)
+    return {t: (lambda path=path: load_state(path, template, device)) for t, path in paths.items()}
 
 
 def load_state(path, template: TrainState, device) -> TrainState:
@@ -307,43 +310,51 @@ REPAIR = "run `magic train` with the same overrides to repair it"
 
 def load_final_and_stored(problem: Problem, run, record: dict) -> tuple[TrainState, dict]:
     """The verified final state and the verified checkpoints of config.checkpoint, derived from
-    the states `train` stored when this strategy's file does not exist yet."""
+    the states `train` stored when this strategy's files do not exist yet."""
     from magic_cli.run_dir import verify
 
     expect = {"fingerprint": record["fingerprint"]}
     verify(run.final_state, expect, REPAIR)
     template = problem.init_state()  # the shape of a state (also s_0)
     final = load_state(run.final_state, template, problem.device)
-    ck = problem.config.checkpoint
-    path = run.checkpoints(checkpoint_tag(ck.name, ck.param))
-    if not path.exists():
+    ck, T = problem.config.checkpoint, problem.total_steps
+    tag = checkpoint_tag(ck.name, ck.param)
+    if tag != record["checkpoint_tag"] and not all((run.train_dir / n).exists() for n in checkpoint_names(tag, T)):
         derive_checkpoints(problem, run, record, final, template)
-    verify(path, expect, REPAIR)
-    return final, load_checkpoints(path, template, problem.device)
+    return final, load_checkpoints(run, tag, T, template, problem.device, expect)
 
 
 def derive_checkpoints(problem: Problem, run, record: dict, final: TrainState, template: TrainState) -> None:
     """Write the checkpoints of config.checkpoint by replaying training from s_0, checking every
-    state against those `train` stored (and the final one) bit for bit."""
-    from magic_cli.replay import root_boundaries
-    from magic_cli.run_dir import save_artifact, verify
+    state against those `train` stored (and the final one) bit for bit. A state is put in place
+    only once a stored state after it has been reproduced; until then it is a temporary file."""
+    from magic_cli.run_dir import Staged
 
-    source = run.checkpoints(record["checkpoint_tag"])
-    verify(source, {"fingerprint": record["fingerprint"]}, REPAIR)
-    stored = load_checkpoints(source, template, problem.device)
+    expect = {"fingerprint": record["fingerprint"]}
     ck, T = problem.config.checkpoint, problem.total_steps
-    keep = set(root_boundaries(ck.name, T, ck.param))
+    source = record["checkpoint_tag"]
+    stored = load_checkpoints(run, source, T, template, problem.device, expect)
+    tag = checkpoint_tag(ck.name, ck.param)
+    wanted = {_step_of(n): run.train_dir / n for n in checkpoint_names(tag, T) if not (run.train_dir / n).exists()}
+    staged = Staged()
 
     def check(t, state):
         expected = final if t == T else stored[t]() if t in stored else None
-        if expected is not None and not states_equal(state, expected):
-            raise NonDeterminismError(f"training is not deterministic here: the state after step {t} differs from "
-                                      f"the one in {source.name}; checkpoints for checkpoint={ck.name} cannot be "
-                                      "derived")
+        if expected is not None:
+            if not states_equal(state, expected):
+                raise NonDeterminismError(f"training is not deterministic here: the state after step {t} differs "
+                                          f"from the one in checkpoints_{source}/; checkpoints for "
+                                          f"checkpoint={ck.name} cannot be derived")
+            staged.commit()  # every state staged so far led to this verified one
+        if t in wanted:
+            staged.add(wanted[t], state_bytes(state), {**expect, "step": t})
+            if expected is not None:
+                staged.commit()
 
-    _, kept, _ = problem.run(keep=keep, check=check)
-    save_artifact(run.checkpoints(checkpoint_tag(ck.name, ck.param)), checkpoints_bytes({t: kept[t] for t in keep}),
-                  {"fingerprint": record["fingerprint"], "steps": sorted(keep)})
+    try:
+        problem.run(check=check)
+    finally:
+        staged.discard()
 
 
 # --- the `magic train` stage ---------------------------------------------------------------
@@ -387,7 +398,8 @@ def _train_stage(config, run, overrides, overwrite, progress_factory) -> dict:
             raise StageError(f"{run.root} holds a run trained with a different config; choose another name=/out_dir= "
                              "or pass --overwrite (which deletes its attributions and ground truth)")
         tag = checkpoint_tag(config.checkpoint.name, config.checkpoint.param)
-        names = sorted({*(record["files"] if record else []), run.final_state.name, run.checkpoints(tag).name,
+        names = sorted({*(record["files"] if record else []), run.final_state.name,
+                        *(checkpoint_names(tag, record["steps"]) if record else []),
                         *(run.train_outputs(o).name for o in OUTPUT_FUNCTIONS)})
         expect = {"fingerprint": fingerprint}
         states = {name: status(run.train_dir / name, expect) for name in names}
@@ -400,14 +412,16 @@ def _train_stage(config, run, overrides, overwrite, progress_factory) -> dict:
 
 
 def _train_and_write(config, run, overrides, record, names, states, progress_factory) -> dict:
+    import time
+
     import numpy as np
 
     from magic_cli.config import to_yaml
     from magic_cli.determinism import enable_determinism
     from magic_cli.meta import run_meta
     from magic_cli.progress import no_progress
-    from magic_cli.replay import root_boundaries
     from magic_cli.run_dir import (
+        Staged,
         load_json,
         npy_bytes,
         save_artifact,
@@ -416,33 +430,59 @@ def _train_and_write(config, run, overrides, record, names, states, progress_fac
         save_text,
         sha256_bytes,
         sidecar,
-        tensors_bytes,
     )
+    from magic_cli.run_dir import status as file_status
 
     determinism = enable_determinism(config.device, config.threads)
     problem = Problem.build(config)
     T, fingerprint = problem.total_steps, config.fingerprint()
-    tags = {n[len("checkpoints_"):-len(".pt")] for n in names if n.startswith("checkpoints_")}
-    boundaries = {tag: set(root_boundaries(_strategy_of(tag)[0], T, _strategy_of(tag)[1])) for tag in tags}
-    with (progress_factory or no_progress)("train", T) as advance:
-        final, kept, seconds = problem.run(keep=set().union(*boundaries.values()), progress=advance)
-    ds = problem.dataset
-    outputs = problem.outputs(final)
-    train_out = problem.outputs(final, ds.x_train, ds.y_train)
-    _check_converged(problem, final, train_out)
-    data = {run.final_state.name: tensors_bytes(flatten_state(final)),
-            **{run.train_outputs(o).name: npy_bytes(outputs[o]) for o in OUTPUT_FUNCTIONS},
-            **{run.checkpoints(tag).name: checkpoints_bytes({t: kept[t] for t in sorted(b)})
-               for tag, b in boundaries.items()}}
-    for name in (n for n in names if states[n] == "ok"):  # intact: retraining must reproduce it exactly
-        if load_json(sidecar(run.train_dir / name))["sha256"] != sha256_bytes(data[name]):
-            raise NonDeterminismError(f"training is not deterministic here: retraining gives another {name} "
-                                      f"than the one stored in {run.train_dir}; nothing was changed")
-    repaired = []
-    for name in (n for n in names if states[n] != "ok"):
-        if states[name] != "missing" or record is not None:
-            repaired.append(name)
-        save_artifact(run.train_dir / name, data[name], {"fingerprint": fingerprint})
+    expect = {"fingerprint": fingerprint}
+    tag = checkpoint_tag(config.checkpoint.name, config.checkpoint.param)
+    names = sorted(set(names) | set(checkpoint_names(tag, T)))
+    states = {n: states[n] if n in states else file_status(run.train_dir / n, expect) for n in names}
+
+    def refuse(name):
+        raise NonDeterminismError(f"training is not deterministic here: retraining gives another {name} "
+                                  f"than the one stored in {run.train_dir}; nothing was changed")
+
+    # Checkpoint states go to disk as training reaches them (one file each, never all in memory):
+    # staged as temporary files, put in place once everything else is checked.
+    by_step: dict = {}
+    for name in (n for n in names if n.startswith("checkpoints_")):
+        by_step.setdefault(_step_of(name), []).append(name)
+    staged, sink_seconds = Staged(), [0.0]
+
+    def sink(t, state):
+        begin = time.perf_counter()
+        if t in by_step:
+            data = state_bytes(state)
+            for name in by_step[t]:
+                if states[name] == "ok":  # intact: retraining must reproduce it exactly
+                    if load_json(sidecar(run.train_dir / name))["sha256"] != sha256_bytes(data):
+                        refuse(name)
+                else:
+                    staged.add(run.train_dir / name, data, {**expect, "step": t})
+        sink_seconds[0] += time.perf_counter() - begin
+
+    try:
+        with (progress_factory or no_progress)("train", T) as advance:
+            final, _, seconds = problem.run(progress=advance, check=sink)
+        seconds -= sink_seconds[0]  # the loop's own time, without writing the states
+        ds = problem.dataset
+        outputs = problem.outputs(final)
+        train_out = problem.outputs(final, ds.x_train, ds.y_train)
+        _check_converged(problem, final, train_out)
+        data = {run.final_state.name: state_bytes(final),
+                **{run.train_outputs(o).name: npy_bytes(outputs[o]) for o in OUTPUT_FUNCTIONS}}
+        for name in (n for n in data if states[n] == "ok"):  # intact: retraining must reproduce it exactly
+            if load_json(sidecar(run.train_dir / name))["sha256"] != sha256_bytes(data[name]):
+                refuse(name)
+        staged.commit()
+    finally:
+        staged.discard()
+    repaired = _summary([n for n in names if states[n] != "ok" and (states[n] != "missing" or record is not None)])
+    for name in (n for n in data if states[n] != "ok"):
+        save_artifact(run.train_dir / name, data[name], expect)
     seconds_now = {"train_seconds": seconds}
     metrics = record["metrics"] if record is not None else {
         "test_accuracy": float(np.mean(outputs["correct"])),
@@ -464,6 +504,18 @@ def _train_and_write(config, run, overrides, record, names, states, progress_fac
         checkpoint_tag(config.checkpoint.name, config.checkpoint.param)})
     status = "trained" if record is None and not repaired else "repaired"
     return {**metrics, **seconds_now, "status": status, "repaired": repaired}
+
+
+def _summary(names: list[str]) -> list[str]:
+    """File names for a message: the states of one checkpoint folder as 'checkpoints_<tag>/ (n states)'."""
+    out, folders = [], {}
+    for name in names:
+        folder, sep, _ = name.partition("/")
+        if sep:
+            folders[folder] = folders.get(folder, 0) + 1
+        else:
+            out.append(name)
+    return out + [f"{f}/ ({n} state{'s' if n > 1 else ''})" for f, n in folders.items()]
 
 
 def _strategy_of(tag: str) -> tuple[str, int]:

@@ -75,7 +75,7 @@ def test_gpt2_scores_are_exact_bit_identical_on_rerun_and_across_strategies(cli,
     assert ("lm_head.weight" in names) != tied and "transformer.wte.weight" in names
     _exact(problem, scores)
     again = _attribute(cli, args, tmp_path / "b")
-    for f in ("final.pt", "checkpoints_all.pt", "outputs_loss.npy"):
+    for f in ("final.pt", "checkpoints_all/state_000003.pt", "outputs_loss.npy"):
         assert (tmp_path / "a" / "train" / f).read_bytes() == (tmp_path / "b" / "train" / f).read_bytes()
     assert again.tobytes() == scores.tobytes()
     code, _, err = cli("attribute", "--test-ids", "0,2", *args, "checkpoint=replay", "checkpoint.k=2",

@@ -230,11 +230,12 @@ def test_non_deterministic_recomputation_is_detected(cli, tmp_path):
     from magic_cli.run_dir import load_json, load_tensors, save_artifact, sidecar, tensors_bytes
 
     cli("train", *TINY, "checkpoint=replay", "checkpoint.k=2", f"out_dir={tmp_path}")
-    path = tmp_path / "train" / "checkpoints_replay2.pt"
+    paths = sorted((tmp_path / "train" / "checkpoints_replay2").glob("state_*.pt"))
+    steps = [int(p.stem.split("_")[1]) for p in paths]
+    path = paths[1]
     data = load_tensors(path)
-    steps = data["steps"].tolist()
     key = next(k for k in data if k.startswith("params/"))
-    data[key][1] += 1e-12  # tamper with the second stored state, and give it a valid sidecar
+    data[key] += 1e-12  # tamper with the second stored state, and give it a valid sidecar
     save_artifact(path, tensors_bytes(data), {"fingerprint": load_json(sidecar(path))["fingerprint"]})
     code, _, err = cli("attribute", "--test-ids", "0", *TINY, "checkpoint=replay", "checkpoint.k=2",
                        f"out_dir={tmp_path}")

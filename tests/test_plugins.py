@@ -58,7 +58,7 @@ def _attribute(cli, args, out, ids="0,2"):
 def test_example_plugin_reruns_are_bit_identical(cli, tmp_path):
     for name in ("a", "b"):
         assert cli("train", *RESNET, f"out_dir={tmp_path / name}")[0] == 0
-    for f in ("final.pt", "checkpoints_all.pt", "outputs_loss.npy"):
+    for f in ("final.pt", "checkpoints_all/state_000003.pt", "outputs_loss.npy"):
         assert (tmp_path / "a" / "train" / f).read_bytes() == (tmp_path / "b" / "train" / f).read_bytes()
     assert cli("train", *RESNET, "seed=1", f"out_dir={tmp_path / 'c'}")[0] == 0
     assert (tmp_path / "c" / "train" / "final.pt").read_bytes() != (tmp_path / "a" / "train" / "final.pt").read_bytes()

@@ -19,7 +19,8 @@ def test_default_train_reaches_97_percent(cli, tmp_path):
     assert metrics["test_accuracy"] >= 0.97
     for key in ("test_accuracy", "test_loss", "train_loss", "steps", "train_seconds"):
         assert key in metrics
-    for name in ("config.yaml", "overrides.txt", "meta.json", "train/checkpoints_all.pt", "train/final.pt",
+    assert len(list((tmp_path / "train" / "checkpoints_all").glob("state_*.pt"))) == metrics["steps"] + 1
+    for name in ("config.yaml", "overrides.txt", "meta.json", "train/checkpoints_all/state_000000.pt", "train/final.pt",
                  "train/fingerprint.json", "train/outputs_loss.npy", "train/outputs_margin.npy"):
         assert (tmp_path / name).is_file(), name
     loss = np.load(tmp_path / "train" / "outputs_loss.npy")
@@ -31,7 +32,9 @@ def test_default_train_reaches_97_percent(cli, tmp_path):
 def _train_files(cli, out_dir, *overrides):
     code, _, err = cli("train", *TINY, f"out_dir={out_dir}", *overrides)
     assert code == 0, err
-    return {p.name: p.read_bytes() for p in (out_dir / "train").iterdir() if p.name != "metrics.json"}
+    train = out_dir / "train"
+    return {str(p.relative_to(train)): p.read_bytes() for p in sorted(train.rglob("*"))
+            if p.is_file() and p.name != "metrics.json"}
 
 
 def test_same_config_gives_bit_identical_artifacts(cli, tmp_path):
@@ -178,7 +181,7 @@ def test_order_file_equal_to_the_seeded_schedule_is_bit_identical(cli, tmp_path)
     np.save(tmp_path / "order.npy", schedule)
     seeded = _train_files(cli, tmp_path / "seeded")
     given = _train_files(cli, tmp_path / "given", f"train.order_file={tmp_path / 'order.npy'}")
-    for name in ("final.pt", "checkpoints_all.pt", "outputs_loss.npy", "outputs_margin.npy"):
+    for name in ("final.pt", "checkpoints_all/state_000010.pt", "outputs_loss.npy", "outputs_margin.npy"):
         assert seeded[name] == given[name], name
     for out in ("seeded", "given"):
         extra = [f"train.order_file={tmp_path / 'order.npy'}"] if out == "given" else []
