@@ -417,3 +417,34 @@ def test_bad_hugging_face_input_is_one_line(cli, tmp_path, case, fragment):
     code, _, err = cli("train", *args, f"out_dir={tmp_path / 'run'}")
     assert code == 2 and fragment in err and err.count("magic: error") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_hub_name_resolves_through_the_hugging_face_cache(cli, tmp_path, monkeypatch):
+    """model.path=org/name: the snapshot in the Hugging Face cache (here a cache built by hand,
+    in the hub's own layout; on a machine with a network it is downloaded there first)."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from magic_cli.models.hf import resolve_path
+
+    args = _args(tmp_path)
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--someone--tiny-gpt2"
+    shutil.copytree(tmp_path / "gpt2_tied", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no waiting on a network here
+    resolve_path.cache_clear()
+    hub = [a for a in args if not a.startswith("model.path")] + ["model.path=someone/tiny-gpt2"]
+    try:
+        assert resolve_path("someone/tiny-gpt2") == repo / "snapshots" / commit
+        a = _attribute(cli, args, tmp_path / "folder", "0")
+        b = _attribute(cli, hub, tmp_path / "hub_run", "0")
+        assert a.tobytes() == b.tobytes()
+        code, _, err = cli("train", *[x for x in args if not x.startswith("model.path")], "model.path=nobody/none",
+                           f"out_dir={tmp_path / 'none'}")
+        assert code == 2 and "could not be fetched" in err and err.count("magic: error") == 1, err
+    finally:
+        resolve_path.cache_clear()
