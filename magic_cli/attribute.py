@@ -68,7 +68,7 @@ def identity(config, record: dict) -> dict:
 def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_factory) -> dict:
     from magic_cli.baselines import BASELINES
     from magic_cli.config import parse_test_ids
-    from magic_cli.metagrad import ReverseStats, reverse_pass_shared
+    from magic_cli.metagrad import ReverseStats, reverse_pass
     from magic_cli.progress import no_progress
     from magic_cli.run_dir import npy_bytes, save_artifact, status
     from magic_cli.train import load_final_and_stored
@@ -94,8 +94,8 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
             begin = time.perf_counter()
             if method == "magic":
                 with (progress_factory or no_progress)(label, problem.total_steps) as advance:
-                    results, st = reverse_pass_shared(problem, final, stored, config.checkpoint.name,
-                                                      config.checkpoint.param, passes, output, progress=advance)
+                    results, st = reverse_pass(problem, final, stored, config.checkpoint.name,
+                                               config.checkpoint.param, passes, output, progress=advance)
                 stats.peak_states = max(stats.peak_states, st.peak_states)
                 stats.forward_steps += st.forward_steps
                 results = [r.cpu().numpy() for r in results]

@@ -37,10 +37,11 @@ def make_mask(n_train: int, p: float, k: int, seed: int):
     return mask
 
 
-def make_masks(n_train: int, p: float, m: int, seed: int):
+def make_masks(n_train: int, p: float, m: int, seed: int, ks=None):
+    """Masks 0..m-1 of drop fraction p (or those of the subsets `ks`): bool (m, N)."""
     import numpy as np
 
-    return np.stack([make_mask(n_train, p, k, seed) for k in range(m)])
+    return np.stack([make_mask(n_train, p, k, seed) for k in (range(m) if ks is None else ks)])
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -88,19 +89,13 @@ def _retrain(task: Task):
     import torch
 
     problem = _WORKER["problem"]
-    masks = make_masks_of(problem.dataset.n_train, task.p, task.ks, _WORKER["seed"])
+    masks = make_masks(problem.dataset.n_train, task.p, len(task.ks), _WORKER["seed"], ks=task.ks)
     weights = problem.weights * torch.as_tensor(masks, dtype=problem.dtype, device=problem.device)
     if len(task.ks) == 1:
         finals = [problem.run(weights=weights[0])[0]]
     else:
         finals = problem.run_batch(weights)
     return task, [problem.outputs(f) for f in finals], _WORKER["fingerprint"]
-
-
-def make_masks_of(n_train: int, p: float, ks, seed: int):
-    import numpy as np
-
-    return np.stack([make_mask(n_train, p, k, seed) for k in ks])
 
 
 # --- the stage -------------------------------------------------------------------------------

@@ -57,14 +57,7 @@ def output_cotangents(problem: Problem, state: TrainState, test_ids, output: str
 
 
 def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: str, k: int,
-                 test_ids: list[int], output: str, progress=None):
-    """scores (J, N) in the run's dtype for the test ids, and ReverseStats (one group)."""
-    scores, stats = reverse_pass_shared(problem, final, stored, strategy, k, [list(test_ids)], output, progress)
-    return scores[0], stats
-
-
-def reverse_pass_shared(problem: Problem, final: TrainState, stored: dict, strategy: str, k: int,
-                        groups: list[list[int]], output: str, progress=None):
+                 groups: list[list[int]], output: str, progress=None):
     """[scores (J_g, N) per group], ReverseStats: one walk back over the states for all groups.
 
     Each state s_t is recomputed (or loaded) once and used by every group, so a replay costs the

@@ -265,9 +265,12 @@ def states_equal(a: TrainState, b: TrainState) -> bool:
 
 # --- checkpoint files ------------------------------------------------------------------------
 
+PARAMETERISED = ("replay", "binomial")  # strategies whose tag carries their parameter
+
+
 def checkpoint_tag(strategy: str, param: int) -> str:
-    """The name of a strategy's checkpoint file: all | sqrt | replay<k> | binomial<memory>."""
-    return f"{strategy}{param}" if strategy in ("replay", "binomial") else strategy
+    """The name of a strategy's checkpoint folder: all | sqrt | replay<k> | binomial<memory>."""
+    return f"{strategy}{param}" if strategy in PARAMETERISED else strategy
 
 
 def checkpoint_names(tag: str, total_steps: int) -> list[str]:
@@ -441,9 +444,10 @@ def _train_and_write(config, run, overrides, record, names, states, progress_fac
     names = sorted(set(names) | set(checkpoint_names(tag, T)))
     states = {n: states[n] if n in states else file_status(run.train_dir / n, expect) for n in names}
 
-    def refuse(name):
-        raise NonDeterminismError(f"training is not deterministic here: retraining gives another {name} "
-                                  f"than the one stored in {run.train_dir}; nothing was changed")
+    def check_intact(name, data):  # an intact file: retraining must reproduce it exactly
+        if load_json(sidecar(run.train_dir / name))["sha256"] != sha256_bytes(data):
+            raise NonDeterminismError(f"training is not deterministic here: retraining gives another {name} "
+                                      f"than the one stored in {run.train_dir}; nothing was changed")
 
     # Checkpoint states go to disk as training reaches them (one file each, never all in memory):
     # staged as temporary files, put in place once everything else is checked.
@@ -457,9 +461,8 @@ def _train_and_write(config, run, overrides, record, names, states, progress_fac
         if t in by_step:
             data = state_bytes(state)
             for name in by_step[t]:
-                if states[name] == "ok":  # intact: retraining must reproduce it exactly
-                    if load_json(sidecar(run.train_dir / name))["sha256"] != sha256_bytes(data):
-                        refuse(name)
+                if states[name] == "ok":
+                    check_intact(name, data)
                 else:
                     staged.add(run.train_dir / name, data, {**expect, "step": t})
         sink_seconds[0] += time.perf_counter() - begin
@@ -474,9 +477,8 @@ def _train_and_write(config, run, overrides, record, names, states, progress_fac
         _check_converged(problem, final, train_out)
         data = {run.final_state.name: state_bytes(final),
                 **{run.train_outputs(o).name: npy_bytes(outputs[o]) for o in OUTPUT_FUNCTIONS}}
-        for name in (n for n in data if states[n] == "ok"):  # intact: retraining must reproduce it exactly
-            if load_json(sidecar(run.train_dir / name))["sha256"] != sha256_bytes(data[name]):
-                refuse(name)
+        for name in (n for n in data if states[n] == "ok"):
+            check_intact(name, data[name])
         staged.commit()
     finally:
         staged.discard()
@@ -520,7 +522,7 @@ def _summary(names: list[str]) -> list[str]:
 
 def _strategy_of(tag: str) -> tuple[str, int]:
     """(strategy, parameter) of a checkpoint tag (checkpoint_tag's inverse)."""
-    for strategy in ("replay", "binomial"):
+    for strategy in PARAMETERISED:
         if tag.startswith(strategy):
             return strategy, int(tag[len(strategy):])
     return tag, 4

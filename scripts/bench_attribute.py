@@ -30,7 +30,7 @@ def main() -> None:
 
     from magic_cli.config import load
     from magic_cli.determinism import enable_determinism
-    from magic_cli.metagrad import reverse_pass_shared
+    from magic_cli.metagrad import reverse_pass
     from magic_cli.replay import ReverseStates, root_boundaries
     from magic_cli.train import Problem
 
@@ -56,7 +56,7 @@ def main() -> None:
 
         def once():
             start = time.perf_counter()
-            _, stats = reverse_pass_shared(problem, final, stored, strategy, param, groups, config.attribute.output)
+            _, stats = reverse_pass(problem, final, stored, strategy, param, groups, config.attribute.output)
             return time.perf_counter() - start, stats.peak_states, stats.forward_steps
 
         return best_of(args.repeats, once)

@@ -440,7 +440,7 @@ def test_out_of_gpu_memory_names_the_setting_to_lower(cli, reference, tmp_path, 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(magic_cli.metagrad, "reverse_pass_shared", oom)
+    monkeypatch.setattr(magic_cli.metagrad, "reverse_pass", oom)
     run = copy_run(reference, tmp_path)
     code, _, err = cli("attribute", "--test-ids", "7", *ARGS, f"out_dir={run}")
     one_line_error(code, err, "out of GPU memory", "attribute.batch_size")
@@ -452,7 +452,7 @@ def test_an_internal_error_keeps_its_traceback(cli, reference, tmp_path, monkeyp
     def bug(*args, **kwargs):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(magic_cli.metagrad, "reverse_pass_shared", bug)
+    monkeypatch.setattr(magic_cli.metagrad, "reverse_pass", bug)
     run = copy_run(reference, tmp_path)
     with pytest.raises(ValueError, match="an internal bug"):
         cli("attribute", "--test-ids", "7", *ARGS, f"out_dir={run}")

@@ -135,22 +135,19 @@ def test_binomial_split_is_optimal_against_dynamic_programming():
 
     from magic_cli.replay import binomial_cost, binomial_split
 
-    @lru_cache(maxsize=None)
-    def best(length, free):
-        if length <= 1:
-            return 0
-        if free == 0:
-            return length * (length - 1) // 2
-        return min(m + best(length - m, free - 1) + best(m, free) for m in range(1, length))
+    def cost_of(choices):
+        """The cost of the schedules whose first checkpoint is one of choices(length, free)."""
+        @lru_cache(maxsize=None)
+        def cost(length, free):
+            if length <= 1:
+                return 0
+            if free == 0:
+                return length * (length - 1) // 2
+            return min(m + cost(length - m, free - 1) + cost(m, free) for m in choices(length, free))
+        return cost
 
-    @lru_cache(maxsize=None)
-    def rule(length, free):
-        if length <= 1:
-            return 0
-        if free == 0:
-            return length * (length - 1) // 2
-        m = binomial_split(free, length)
-        return m + rule(length - m, free - 1) + rule(m, free)
+    best = cost_of(lambda length, free: range(1, length))
+    rule = cost_of(lambda length, free: [binomial_split(free, length)])
 
     for length in range(1, 90):
         for free in range(0, 6):
