@@ -38,8 +38,8 @@ test-slow: install  ## the slow tests only (longer end-to-end checks)
 lint: install  ## ruff
 	$(BIN)/ruff check magic_cli tests scripts
 
-bench: install  ## attribution speed vs training on the default experiment
-	$(BIN)/python scripts/bench_attribute.py
+bench: install  ## attribution cost vs training on every offline experiment, ground-truth rate, training overhead
+	$(BIN)/python scripts/bench.py
 
 clean:  ## remove runs/ (not .venv)
 	rm -rf runs

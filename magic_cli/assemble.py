@@ -40,7 +40,8 @@ def assemble(config: Config):
         weights = torch.as_tensor(load_data_weights(tc.data_weights, ds.n_train), dtype=dtype, device=device)
     grad_fn = make_grad_fn(model, tc.batch_size, tc.loss_reduction)
     step = make_train_step(grad_fn, optimizer)
-    return Problem(config, ds, model, optimizer, schedule, weights, grad_fn, step, device, dtype)
+    eager = make_train_step(make_grad_fn(model, tc.batch_size, tc.loss_reduction, eager=True), optimizer)
+    return Problem(config, ds, model, optimizer, schedule, weights, grad_fn, step, eager, device, dtype)
 
 
 def load_order(path: str, n_train: int, batch_size: int):

@@ -1,18 +1,21 @@
-"""Attribution cost relative to training, measured in one run (the machine is shared and noisy,
-so each figure is the best of --repeats and only ratios measured together are compared).
+"""Attribution cost relative to training on one experiment, measured in one run (the machine is
+shared and noisy, so each figure is the best of --repeats and only ratios measured together are
+compared). `make bench` runs it for every experiment (scripts/bench.py).
 
-    python scripts/bench_attribute.py [OVERRIDES...] [--repeats 3]
+    python scripts/bench_attribute.py [OVERRIDES...] [--config-dir DIR] [--repeats 3] [--groups]
 
-Prints: train seconds; attribute seconds for 1 id and for 64 ids (checkpoint=all); the ratios
-(attribute 1 id / train) and (attribute 64 ids / 64 / train); checkpoint=all vs replay (k=4)
-vs binomial (at replay's peak memory): seconds, peak states and recomputed steps for 1 id and
-64 ids; and 64 ids in groups of 16 with one replay per group vs one replay shared by all.
-Targets on the default experiment: 1 id <= 2x train; 64 ids <= 0.1x train per id.
+Prints train seconds; attribute seconds (checkpoint=all) for 1 id, 16 ids and --many ids;
+replay (k=4) for 1 and 16 ids; binomial at replay's peak memory for 1 id; each as a ratio to
+training (per id where several); peak states and recomputed steps; with --groups, --many ids in
+groups of 16 with one replay per group vs one replay shared by all. --json FILE also writes the
+figures (and the process's peak resident memory) as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import time
 
 
@@ -24,8 +27,11 @@ def best_of(repeats: int, fn):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: the default experiment)")
+    parser.add_argument("--config-dir", default=None, help="a folder of your own configs, as magic's --config-dir")
     parser.add_argument("--repeats", type=int, default=3, help="measure each figure this many times, keep the best")
-    parser.add_argument("--many", type=int, default=64, help="test ids in the batched measurement")
+    parser.add_argument("--many", type=int, default=64, help="test ids in the largest batched measurement")
+    parser.add_argument("--groups", action="store_true", help="also: shared replay vs one replay per group of 16")
+    parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = parser.parse_args()
 
     from magic_cli.config import load
@@ -34,7 +40,7 @@ def main() -> None:
     from magic_cli.replay import ReverseStates, root_boundaries
     from magic_cli.train import Problem
 
-    config = load(args.overrides)
+    config = load(args.overrides, args.config_dir)
     enable_determinism(config.device, config.threads)
     problem = Problem.build(config)
     T = problem.total_steps
@@ -49,7 +55,8 @@ def main() -> None:
         return seconds, final, kept
 
     train_s, final, kept = best_of(args.repeats, train)
-    many = list(range(args.many))
+    n_test = problem.dataset.x_test.shape[0]
+    ids = lambda n: list(range(min(n, n_test)))  # noqa: E731
 
     def attribute(strategy, param, groups):
         stored = {t: s for t, s in kept.items() if t in keep[(strategy, param)]}
@@ -61,37 +68,43 @@ def main() -> None:
 
         return best_of(args.repeats, once)
 
-    one_s, one_peak, _ = attribute("all", 0, [[0]])
-    many_s, many_peak, _ = attribute("all", 0, [many])
-    rep1_s, rep1_peak, rep1_fwd = attribute("replay", 4, [[0]])
-    repm_s, repm_peak, repm_fwd = attribute("replay", 4, [many])
-    bin1_s, bin1_peak, bin1_fwd = attribute("binomial", memory, [[0]])
-    groups = [many[i:i + 16] for i in range(0, len(many), 16)]
-    shared_s, _, shared_fwd = attribute("replay", 4, groups)
-    separate = [attribute("replay", 4, [g]) for g in groups]
-    separate_s, separate_fwd = sum(r[0] for r in separate), sum(r[2] for r in separate)
+    rows = []  # (label, strategy, ids, seconds, peak states, recomputed steps)
+    for label, strategy, param, n in [("all", "all", 0, 1), ("all", "all", 0, 16), ("all", "all", 0, args.many),
+                                      ("replay k=4", "replay", 4, 1), ("replay k=4", "replay", 4, 16),
+                                      (f"binomial memory={memory}", "binomial", memory, 1)]:
+        group = ids(n)
+        rows.append((label, strategy, len(group), *attribute(strategy, param, [group])))
+    figures = {"experiment": config.name, "steps": T, "n_train": problem.dataset.n_train, "threads": config.threads,
+               "train_s": train_s, "memory": memory,
+               "rows": [dict(zip(("label", "strategy", "ids", "seconds", "peak_states", "recomputed"), r))
+                        for r in rows]}
 
-    print(f"config: {config.name} ({config.dataset['name']}, {config.model}, {config.optimizer.name}), "
+    print(f"config: {config.name} ({config.dataset['name']}, {config.model['name']}, {config.optimizer.name}), "
           f"T={T} steps, N={problem.dataset.n_train}, threads={config.threads}, best of {args.repeats}")
-    print(f"{'train seconds':<44}{train_s:8.3f}")
-    print(f"{'attribute 1 id seconds (all)':<44}{one_s:8.3f}")
-    print(f"{f'attribute {args.many} ids seconds (all)':<44}{many_s:8.3f}")
-    print(f"{'ratio attribute 1 id / train':<44}{one_s / train_s:8.3f}   target <= 2")
-    print(f"{f'ratio attribute {args.many} ids / {args.many} / train':<44}{many_s / args.many / train_s:8.3f}"
-          f"   target <= 0.1")
-    print()
-    print(f"{'checkpoint':<22}{'ids':>5}{'seconds':>10}{'x train':>10}{'peak states':>13}{'recomputed':>12}")
-    for name, ids, s, peak, fwd in [("all", 1, one_s, one_peak, 0), ("replay k=4", 1, rep1_s, rep1_peak, rep1_fwd),
-                                    (f"binomial memory={memory}", 1, bin1_s, bin1_peak, bin1_fwd),
-                                    ("all", args.many, many_s, many_peak, 0),
-                                    ("replay k=4", args.many, repm_s, repm_peak, repm_fwd)]:
-        print(f"{name:<22}{ids:>5}{s:>10.3f}{s / train_s:>10.3f}{peak:>13}{fwd:>12}")
-    print(f"{'ratio binomial / replay recomputed steps':<44}{bin1_fwd / rep1_fwd:8.3f}   at equal memory")
-    print()
-    print(f"replay k=4, {args.many} ids in {len(groups)} groups of 16:")
-    print(f"{'  one replay per group: seconds, recomputed':<44}{separate_s:8.3f}{separate_fwd:>8}")
-    print(f"{'  one replay shared by all: seconds, recomputed':<44}{shared_s:8.3f}{shared_fwd:>8}")
-    print(f"{'  ratio shared / per group seconds':<44}{shared_s / separate_s:8.3f}")
+    print(f"{'train seconds':<30}{train_s:8.3f}")
+    print(f"{'checkpoint':<24}{'ids':>5}{'seconds':>10}{'x train/id':>12}{'peak states':>13}{'recomputed':>12}")
+    for label, _, n, s, peak, fwd in rows:
+        print(f"{label:<24}{n:>5}{s:>10.3f}{s / n / train_s:>12.3f}{peak:>13}{fwd:>12}")
+    one_replay, one_binomial = rows[3], rows[5]
+    print(f"{'binomial / replay recomputed steps at equal memory':<52}{one_binomial[5] / one_replay[5]:8.3f}")
+
+    if args.groups:
+        many = ids(args.many)
+        groups = [many[i:i + 16] for i in range(0, len(many), 16)]
+        shared_s, _, shared_fwd = attribute("replay", 4, groups)
+        separate = [attribute("replay", 4, [g]) for g in groups]
+        separate_s, separate_fwd = sum(r[0] for r in separate), sum(r[2] for r in separate)
+        print(f"replay k=4, {len(many)} ids in {len(groups)} groups of 16:")
+        print(f"{'  one replay per group: seconds, recomputed':<52}{separate_s:8.3f}{separate_fwd:>8}")
+        print(f"{'  one replay shared by all: seconds, recomputed':<52}{shared_s:8.3f}{shared_fwd:>8}")
+        print(f"{'  ratio shared / per group seconds':<52}{shared_s / separate_s:8.3f}")
+        figures["groups"] = {"separate_s": separate_s, "shared_s": shared_s}
+
+    figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{'peak resident memory MB':<30}{figures['peak_rss_mb']:8.0f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,24 @@ def problem_for(overrides):
     return Problem.build(config)
 
 
+def assert_eager_step_bit_equal(problem, steps: int = 4):
+    """Training, replay and ground truth run the eager step (plain autograd); the reverse pass
+    differentiates the torch.func one: the states they give must be the same bits."""
+    import torch
+
+    from magic_cli.train import flatten_state
+
+    eager = functional = problem.init_state()
+    with torch.no_grad():
+        for t in range(steps):
+            batch, w = problem.batch(t), problem.weights[problem.schedule[t]]
+            eager, functional = problem.eager_step(eager, batch, w), problem.train_step(functional, batch, w)
+            a, b = flatten_state(eager), flatten_state(functional)
+            assert a.keys() == b.keys()
+            assert all(torch.equal(a[k], b[k]) for k in a), f"step {t}"
+            assert not any(v.requires_grad for v in a.values())
+
+
 def unrolled_scores(problem, ids, output="loss"):
     """d f_j / d w by autograd through the fully unrolled training loop: (len(ids), N)."""
     import torch

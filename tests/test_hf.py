@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import problem_for, unrolled_scores
+from conftest import assert_eager_step_bit_equal, problem_for, unrolled_scores
 
 VOCAB, LENGTH = 20, 9
 
@@ -82,6 +82,10 @@ def test_gpt2_scores_are_exact_bit_identical_on_rerun_and_across_strategies(cli,
                        "--overwrite", f"out_dir={tmp_path / 'b'}")
     assert code == 0, err
     assert np.load(tmp_path / "b" / "attribute" / "magic" / "scores.npy").tobytes() == scores.tobytes()
+
+
+def test_eager_step_of_gpt2_is_bit_equal_to_the_transformable_step(tmp_path):
+    assert_eager_step_bit_equal(problem_for(_args(tmp_path, tied=True)))
 
 
 def test_the_folder_enters_the_fingerprint(tmp_path):

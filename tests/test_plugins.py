@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, unrolled_scores
+from conftest import TINY, assert_eager_step_bit_equal, unrolled_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "digits_resnet"
@@ -77,6 +77,11 @@ def test_example_plugin_scores_equal_unrolled_autograd_and_finite_differences(cl
         minus = problem.outputs(problem.run(weights=problem.weights - e)[0])["loss"]
         np.testing.assert_allclose(scores[i], (plus - minus)[[0, 2]] / (2 * h), rtol=1e-5,
                                    atol=1e-6 * np.abs(scores).max())
+
+
+@pytest.mark.parametrize("args", [RESNET, MLP], ids=["resnet", "mlp"])
+def test_eager_step_of_a_module_is_bit_equal_to_the_transformable_step(args):
+    assert_eager_step_bit_equal(_problem(args))
 
 
 def test_batch_norm_running_statistics_are_returned_not_written():

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import problem_for, unrolled_scores
+from conftest import TINY, assert_eager_step_bit_equal, problem_for, unrolled_scores
 
 CNN = ["dataset=digits_images", "model=cnn_small", "model.channels=[3,4]", "train.epochs=1", "train.batch_size=64",
        "dtype=float64"]
@@ -151,3 +151,11 @@ def test_every_experiment_smoke_runs(cli, tmp_path, fake_cifar, experiment):
     for command in (["train"], ["attribute", "--test-ids", "0:2"], ["retrain-ground-truth"], ["score"]):
         code, _, err = cli(*command, *args)
         assert code == 0, (command, err)
+
+
+
+@pytest.mark.parametrize("overrides", [TINY, TINY + ["train.loss_reduction=sum"], CNN, LM,
+                                       LM + ["train.loss_reduction=token_mean"], CNN + ["dtype=float32"]],
+                         ids=["mlp", "mlp-sum", "cnn", "lm", "lm-token_mean", "cnn-float32"])
+def test_eager_step_is_bit_equal_to_the_transformable_step(overrides):
+    assert_eager_step_bit_equal(problem_for(overrides))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from magic_cli.errors import ConfigError
+from magic_cli.models.layers import normalize
 
 
 def _pure_batch_norm_class():
@@ -50,9 +51,8 @@ def _pure_batch_norm_class():
             # The normalisation written out (as models/layers.batch_norm): F.batch_norm refuses
             # running statistics that require grad, and the reverse pass differentiates them.
             dims = [d for d in range(x.dim()) if d != 1]
-            shape = [1, -1] + [1] * (x.dim() - 2)
             if self.training or not self.track:
-                mean, var = x.mean(dims), x.var(dims, unbiased=False)
+                var, mean = torch.var_mean(x, dims, unbiased=False)
                 if self.training and self.track:
                     n = x.numel() // x.shape[1]
                     count = self.num_batches_tracked + 1
@@ -62,10 +62,8 @@ def _pure_batch_norm_class():
                     self.sink["num_batches_tracked"] = count
             else:
                 mean, var = self.running_mean, self.running_var
-            x = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-            if self.affine:
-                x = x * self.weight.view(shape) + self.bias.view(shape)
-            return x
+            weight, bias = (self.weight, self.bias) if self.affine else (None, None)
+            return normalize(x, mean, var, weight, bias, self.eps)
 
     return PureBatchNorm
 
