@@ -83,6 +83,13 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
     todo = [g for g in groups if overwrite or any(status(run.test_scores(method, i), {**key, "test_id": i}) != "ok"
                                                   for i in g)]
     stats = ReverseStats(steps=problem.total_steps)
+    computed, failed = sum(map(len, todo)), None
+    if todo and config.launcher.name == "slurm":  # one array task per group, each writing its own files
+        from magic_cli.launcher import attribute_on_slurm
+
+        begin = time.perf_counter()
+        failed = attribute_on_slurm(config, run, key, todo, progress_factory)
+        stats.seconds, todo = time.perf_counter() - begin, []
     if todo:
         final, stored = load_final_and_stored(problem, run, record)
         done = 0
@@ -110,12 +117,14 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
                     save_artifact(run.test_scores(method, test_id), npy_bytes(scores[j]),
                                   {**key, "test_id": test_id, "group": group, "seconds": seconds / n_ids})
     invocation = {
-        "method": method, "output": output, "test_ids": ids, "ids_computed": sum(map(len, todo)),
+        "method": method, "output": output, "test_ids": ids, "ids_computed": computed,
         "seconds": stats.seconds, "peak_states": stats.peak_states, "forward_steps": stats.forward_steps,
         "steps": problem.total_steps, "batch_size": config.attribute.batch_size,
         "checkpoint": {"name": config.checkpoint.name, "param": config.checkpoint.param},
     }
     side = merge_scores(run, method, key, settings, invocation)
+    if failed:
+        raise StageError(failed)
     missing = [i for i in ids if i not in set(side["test_ids"])]
     if missing:  # another process replaced one of ours between our write and the merge
         raise StageError(f"test ids {missing[:5]} of {run.attribute_dir(method)} were overwritten while this "

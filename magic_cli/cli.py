@@ -140,9 +140,14 @@ def retrain_ground_truth(
         "--shard", help="Do only subsets with index = I mod N (I/N), to spread one job over machines.",
         show_default=False)] = None,
     workers: Annotated[int, typer.Option(
-        "--workers", help="Parallel processes, one torch thread each (results do not depend on it).")] = 1,
+        "--workers", help="Parallel processes, one torch thread each (results do not depend on it); with "
+                          "device=cuda spread over the visible GPUs.")] = 1,
+    merge_only: Annotated[bool, typer.Option(
+        "--merge-only", help="Retrain nothing: merge the subsets already written (e.g. by cluster jobs that "
+                             "finished while no command watched them) and say what is missing.")] = False,
 ):
-    """Retrain on random subsets (ground_truth.drop_fractions x num_subsets); resumable and shardable."""
+    """Retrain on random subsets (ground_truth.drop_fractions x num_subsets); resumable and shardable;
+    on a SLURM cluster with launcher=slurm."""
     from magic_cli.ground_truth import ground_truth_stage
     from magic_cli.progress import rich_progress
     from magic_cli.run_dir import RunDir
@@ -150,25 +155,33 @@ def retrain_ground_truth(
     cfg = _load(overrides, config_dir)
     run = RunDir(cfg.out_dir)
     res = _run("retrain-ground-truth", ground_truth_stage, cfg, run, shard=shard, workers=workers,
-               progress_factory=rich_progress)
+               progress_factory=rich_progress, merge_only=merge_only)
     if res["redone"]:
         _console().print(f"{res['redone']} damaged or out-of-date subsets were retrained")
-    rate = f" ({res['per_minute']:.1f} subsets/min with {workers} worker{'s' if workers > 1 else ''})" \
-        if res["per_minute"] else ""
+    where = "on the cluster" if cfg.launcher.name == "slurm" else f"with {workers} worker{'s' if workers > 1 else ''}"
+    rate = f" ({res['per_minute']:.1f} subsets/min {where})" if res["per_minute"] else ""
     _console().print(f"retrained {res['done']} subsets in {res['seconds']:.1f}s{rate}")
+    if res["missing"]:
+        _console().print(f"{res['missing']} subsets are still missing: run `magic retrain-ground-truth` "
+                         f"{'without --merge-only ' if merge_only else ''}to retrain them")
     merged = ", ".join(f"{p:g}" for p in res["merged"]) or "none yet"
     typer.echo(f"wrote {run.root / 'ground_truth'} (complete drop fractions: {merged})")
 
 
 @app.command()
-def score(overrides: Overrides = None, config_dir: ConfigDir = None):
+def score(
+    overrides: Overrides = None, config_dir: ConfigDir = None,
+    mix_devices: Annotated[bool, typer.Option(
+        "--mix-devices", help="Accept ground truth retrained on several device types (e.g. two GPU models), "
+                              "whose bits differ.")] = False,
+):
     """LDS of every attribution method against the ground truth; writes report/."""
     from magic_cli.report import rich_table, score_stage
     from magic_cli.run_dir import RunDir
 
     cfg = _load(overrides, config_dir)
     run = RunDir(cfg.out_dir)
-    result = _run("score", score_stage, cfg, run)
+    result = _run("score", score_stage, cfg, run, mix_devices=mix_devices)
     from rich.console import Console
 
     Console().print(rich_table(result))

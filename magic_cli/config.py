@@ -16,7 +16,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from magic_cli.errors import ConfigError
 
@@ -186,6 +186,43 @@ class GroundTruthConfig:
         _check(self.batch >= 1, f"ground_truth.batch must be >= 1, got {self.batch}")
 
 
+LAUNCHERS = ("local", "slurm")
+# SLURM job states after which a task is over (sacct's words); anything else is still queued or running.
+SLURM_ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
+                "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "READY", "UNKNOWN", "")
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    """Where retrainings and reverse passes run (launcher.py); never part of any fingerprint."""
+
+    name: str = "local"  # local: processes on this machine (--workers) | slurm: a job array through submitit
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_min: int = 60  # time limit of one array task, minutes
+    cpus_per_task: int = 1
+    gpus_per_task: int = 0
+    mem_gb: float = 4.0
+    array_parallelism: int = 64  # array tasks running at once
+    blocks_per_task: int = 1  # ground truth: blocks of ground_truth.batch subsets per array task
+    setup: tuple = ()  # shell lines each task runs first (module load ..., source venv/bin/activate)
+    sbatch: dict = field(default_factory=dict)  # extra sbatch options, e.g. {constraint: a100}
+    max_retries: int = 2  # resubmissions of a failed, cancelled, timed-out or preempted task
+    poll_s: float = 2.0  # seconds between looks at the cluster and the run directory
+    folder: str = "slurm"  # submitit's job files and logs (<folder>/<run name>/<stage>); shared by the nodes
+
+    def __post_init__(self):
+        _choice("launcher.name", self.name, LAUNCHERS)
+        for key in ("time_min", "cpus_per_task", "array_parallelism", "blocks_per_task"):
+            _check(getattr(self, key) >= 1, f"launcher.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("gpus_per_task", "max_retries"):
+            _check(getattr(self, key) >= 0, f"launcher.{key} must be >= 0, got {getattr(self, key)}")
+        _check(self.mem_gb > 0 and self.poll_s > 0, "launcher.mem_gb and launcher.poll_s must be > 0")
+        _check(isinstance(self.sbatch, dict), f"launcher.sbatch must be a mapping, got {self.sbatch!r}")
+        _check(all(isinstance(line, str) for line in self.setup), "launcher.setup must be a list of shell lines")
+
+
 @dataclass(frozen=True)
 class Config:
     """The validated config of one run. `raw` is the resolved YAML tree as plain dicts."""
@@ -203,6 +240,7 @@ class Config:
     checkpoint: CheckpointConfig
     attribute: AttributeConfig
     ground_truth: GroundTruthConfig
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     plugins: tuple = ()  # user plugins (.py files or module names) that register models and datasets
     raw: dict = field(repr=False, compare=False, default_factory=dict)
 

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 
 from magic_cli.errors import ConfigError, StageError
+from magic_cli.progress import no_progress
+from magic_cli.run_dir import status
 
 
 def make_mask(n_train: int, p: float, k: int, seed: int):
@@ -68,8 +70,33 @@ class Task:
 _WORKER = {}
 
 
-def _init_worker(raw_config: dict) -> None:
-    """Build the problem once per process; one torch thread (bit-identity across workers)."""
+def worker_gpu(rank: int, n_gpus: int) -> int:
+    """The GPU of worker `rank` of --workers with device=cuda: round robin over the visible GPUs."""
+    return rank % n_gpus
+
+
+def device_name(device: str) -> str:
+    """What a subset records of the device it ran on. Bit-identity holds per device type, so
+    `score` refuses to mix them: the GPU's name ('cuda:1 NVIDIA H200'), or the CPU's architecture."""
+    import platform
+
+    import torch
+
+    if device == "cuda":
+        index = torch.cuda.current_device()
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    return f"cpu {platform.machine()}"
+
+
+def device_type(name: str) -> str:
+    """'cuda:1 NVIDIA H200' -> 'NVIDIA H200'; 'cpu x86_64' -> 'cpu x86_64' (the index does not matter)."""
+    head, _, rest = name.partition(" ")
+    return rest if head.startswith("cuda") else name
+
+
+def _init_worker(raw_config: dict, ranks=None) -> None:
+    """Build the problem once per process; one torch thread (bit-identity across workers). With
+    device=cuda, worker number r (drawn from `ranks`, a shared counter) runs on GPU r mod #GPUs."""
     import torch
 
     from magic_cli.config import from_dict
@@ -77,15 +104,21 @@ def _init_worker(raw_config: dict) -> None:
     from magic_cli.train import Problem
 
     config = from_dict(raw_config)
+    if config.device == "cuda" and ranks is not None:
+        with ranks.get_lock():
+            rank, ranks.value = ranks.value, ranks.value + 1
+        torch.cuda.set_device(worker_gpu(rank, torch.cuda.device_count()))
     enable_determinism(config.device, threads=1)
     torch.set_num_threads(1)
     _WORKER["problem"] = Problem.build(config)
     _WORKER["seed"] = config.ground_truth.seed
     _WORKER["fingerprint"] = config.fingerprint()  # hashes the data-weights file as this process reads it
+    _WORKER["device"] = device_name(config.device)
 
 
 def _retrain(task: Task):
-    """(task, [outputs of each subset of the task], fingerprint of the config this process trained with)."""
+    """(task, [outputs of each subset of the task], fingerprint of the config this process trained
+    with, the device it ran on)."""
     import torch
 
     problem = _WORKER["problem"]
@@ -95,7 +128,7 @@ def _retrain(task: Task):
         finals = [problem.run(weights=weights[0])[0]]
     else:
         finals = problem.run_batch(weights)
-    return task, [problem.outputs(f) for f in finals], _WORKER["fingerprint"]
+    return task, [problem.outputs(f) for f in finals], _WORKER["fingerprint"], _WORKER["device"]
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -120,12 +153,15 @@ def _batch_key(batch: int) -> dict:
     return {"batch": batch}
 
 
-def ground_truth_stage(config, run, shard: str | None = None, workers: int = 1, progress_factory=None) -> dict:
-    """Retrain every missing subset of this shard; merge each drop fraction once complete.
+def ground_truth_stage(config, run, shard: str | None = None, workers: int = 1, progress_factory=None,
+                       merge_only: bool = False) -> dict:
+    """Retrain every missing subset of this shard (here, or on the cluster with launcher=slurm);
+    merge each drop fraction once complete. With merge_only, retrain nothing: merge what is there.
 
     Returns {"done": subsets of this shard retrained now, "redone": damaged or stale ones among them,
-    "merged": [p, ...] complete drop fractions, "seconds": wall time, "per_minute": rate}.
-    Everything is checked (drop fractions, seeds of earlier retrainings) before anything is written.
+    "merged": [p, ...] complete drop fractions, "missing": subsets still to retrain, "seconds": wall
+    time, "per_minute": rate}. Everything is checked (drop fractions, seeds of earlier retrainings)
+    before anything is written.
     """
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
@@ -133,15 +169,49 @@ def ground_truth_stage(config, run, shard: str | None = None, workers: int = 1, 
     with run.lock(exclusive=False):
         run.clean(exclusive=False)
         record = run.require_trained(config)
-        return _ground_truth(config, run, record, index, count, workers, progress_factory)
+        plan = _plan(config, run, record, index, count)
+        start, n_done, failed = time.perf_counter(), 0, None
+        if not merge_only:
+            _prepare(config, run, plan)
+            label = f"retrain (shard {index}/{count})"
+            if config.launcher.name == "slurm":
+                from magic_cli.launcher import retrain_on_slurm
+
+                n_done, failed = retrain_on_slurm(config, run, plan, label, progress_factory)
+            else:
+                with (progress_factory or no_progress)(label, len(plan.write)) as advance:
+                    for result in _run_tasks(config, plan.todo, workers):
+                        n_done += write_subsets(config, run, plan, *result)
+                        advance(n_done)
+        seconds = time.perf_counter() - start
+        gt = config.ground_truth
+        merged = [p for p in gt.drop_fractions
+                  if _merge(run, p, gt.num_subsets, plan.identities, plan.fingerprint, gt.seed, gt.batch)]
+        missing = sum(status(run.subset(*key), plan.identities[key]) != "ok" for key in plan.write
+                      if key[1] < gt.num_subsets)
+    if failed:
+        raise StageError(failed)
+    return {"done": n_done, "redone": plan.redone, "merged": merged, "missing": missing, "seconds": seconds,
+            "per_minute": 60 * n_done / seconds if n_done and seconds > 0 else None,
+            "total": len(gt.drop_fractions) * gt.num_subsets, "workers": workers}
 
 
-def _ground_truth(config, run, record, index, count, workers, progress_factory) -> dict:
-    import numpy as np
+@dataclass
+class Plan:
+    """What a ground-truth command must do: every subset's identity, the blocks to retrain (todo)
+    and the subsets to write (write: not valid now; a block's valid subsets are retrained again
+    but not rewritten)."""
 
-    from magic_cli.errors import NonFiniteError
-    from magic_cli.progress import no_progress
-    from magic_cli.run_dir import load_json, npy_bytes, npz_bytes, remove_artifact, save_artifact, sidecar, status
+    fingerprint: str
+    masks: dict  # p -> bool (m_all, N)
+    identities: dict  # (p, k) -> identity
+    todo: list  # [Task]
+    write: set  # {(p, k)}
+    redone: int  # damaged or stale subsets among write (of the first num_subsets)
+
+
+def _plan(config, run, record, index, count) -> Plan:
+    from magic_cli.run_dir import load_json, sidecar
 
     gt, fingerprint = config.ground_truth, record["fingerprint"]
     n_train = int(record["metrics"]["n_train"])
@@ -171,49 +241,69 @@ def _ground_truth(config, run, record, index, count, workers, progress_factory) 
                 todo.append(Task(p, ks))
     write = {(t.p, k) for t in todo for k in t.ks if states[(t.p, k)] != "ok"}
     redone = sum(states[key] != "missing" for key in write if key[1] < gt.num_subsets)
-    for p in gt.drop_fractions:  # masks.npy: the masks of the subsets, for the user (score redraws them)
-        meta = {**merged_identity(fingerprint, gt.seed, p, G), "num_subsets": gt.num_subsets}
+    return Plan(fingerprint, masks, identities, todo, write, redone)
+
+
+def _prepare(config, run, plan: Plan) -> None:
+    """masks.npy for the user (score redraws them); damaged or foreign subsets removed, never merged."""
+    from magic_cli.run_dir import npy_bytes, remove_artifact, save_artifact
+
+    gt = config.ground_truth
+    for p in gt.drop_fractions:
+        meta = {**merged_identity(plan.fingerprint, gt.seed, p, gt.batch), "num_subsets": gt.num_subsets}
         if status(run.masks(p), meta) != "ok":
-            save_artifact(run.masks(p), npy_bytes(masks[p][:gt.num_subsets]), meta)
-    for key in write:
-        remove_artifact(run.subset(*key))  # damaged or of another run: never merged
+            save_artifact(run.masks(p), npy_bytes(plan.masks[p][:gt.num_subsets]), meta)
+    for key in plan.write:
+        if status(run.subset(*key), plan.identities[key]) != "ok":
+            remove_artifact(run.subset(*key))
 
-    start = time.perf_counter()
-    n_done = 0
-    with (progress_factory or no_progress)(f"retrain (shard {index}/{count})", len(write)) as advance:
-        for task, outputs, worker_fingerprint in _run_tasks(config, todo, workers):
-            if worker_fingerprint != fingerprint:
-                raise StageError("the training config changed while retraining (train.data_weights edited?); "
-                                 "rerun `magic retrain-ground-truth`")
-            for k, out in zip(task.ks, outputs):
-                if (task.p, k) not in write:
-                    continue  # intact: retrained only because its block was
-                if not all(np.isfinite(out[o]).all() for o in OUTPUTS):
-                    raise NonFiniteError(f"retraining {k} of drop fraction {task.p:g} gave NaN/Inf outputs: "
-                                         "training is unstable without these examples; lower optimizer.lr")
-                save_artifact(run.subset(task.p, k), npz_bytes(**out),
-                              {**identities[(task.p, k)], "device": config.device})
-                n_done += 1
-                advance(n_done)
-    seconds = time.perf_counter() - start
 
-    merged = [p for p in gt.drop_fractions if _merge(run, p, gt.num_subsets, identities, fingerprint, gt.seed, G)]
-    return {"done": n_done, "redone": redone, "merged": merged, "seconds": seconds,
-            "per_minute": 60 * n_done / seconds if n_done and seconds > 0 else None,
-            "total": len(gt.drop_fractions) * gt.num_subsets, "workers": workers}
+def write_subsets(config, run, plan: Plan, task: Task, outputs: list, fingerprint: str, device: str) -> int:
+    """Write the subsets of a retrained task that the plan writes and are not valid by now (another
+    process may have written them); one atomic file each. Returns how many were written."""
+    import numpy as np
+
+    from magic_cli.errors import NonFiniteError
+    from magic_cli.run_dir import npz_bytes, save_artifact
+
+    if fingerprint != plan.fingerprint:
+        raise StageError("the training config changed while retraining (train.data_weights edited?); "
+                         "rerun `magic retrain-ground-truth`")
+    written = 0
+    for k, out in zip(task.ks, outputs):
+        key = (task.p, k)
+        if key not in plan.write or status(run.subset(*key), plan.identities[key]) == "ok":
+            continue  # intact: retrained only because its block was
+        if not all(np.isfinite(out[o]).all() for o in OUTPUTS):
+            raise NonFiniteError(f"retraining {k} of drop fraction {task.p:g} gave NaN/Inf outputs: "
+                                 "training is unstable without these examples; lower optimizer.lr")
+        save_artifact(run.subset(*key), npz_bytes(**out), {**plan.identities[key], "device": device})
+        written += 1
+    return written
+
+
+def retrain_tasks_here(config, run, tasks: list[Task]) -> int:
+    """Retrain `tasks` in this process and write their subsets (a cluster job's body). Returns the
+    number of subsets written."""
+    with run.lock(exclusive=False):
+        record = run.require_trained(config)
+        plan = _plan(config, run, record, 0, 1)
+        plan.todo = [t for t in tasks if any(key in plan.write for key in ((t.p, k) for k in t.ks))]
+        return sum(write_subsets(config, run, plan, *result) for result in _run_tasks(config, plan.todo, 1))
 
 
 def _merge(run, p, m, identities, fingerprint, seed, batch) -> bool:
     """Write outputs_<o>.npy (m, n_test) of drop fraction p once all m subsets are valid."""
     import numpy as np
 
-    from magic_cli.run_dir import load_npz, npy_bytes, save_artifact, sha256_bytes, status, valid_record
+    from magic_cli.run_dir import load_npz, npy_bytes, save_artifact, sha256_bytes, valid_record
 
     records = [valid_record(run.subset(p, k), identities[(p, k)]) for k in range(m)]
     if any(r is None for r in records):
         return False
     meta = {**merged_identity(fingerprint, seed, p, batch), "num_subsets": m,
-            "subsets": sha256_bytes("".join(r["sha256"] for r in records).encode())[:16]}
+            "subsets": sha256_bytes("".join(r["sha256"] for r in records).encode())[:16],
+            "device_types": sorted({device_type(r.get("device", "")) for r in records})}
     if all(status(run.ground_truth_outputs(p, o), meta) == "ok" for o in OUTPUTS):
         return True
     subsets = [load_npz(run.subset(p, k)) for k in range(m)]
@@ -222,9 +312,11 @@ def _merge(run, p, m, identities, fingerprint, seed, batch) -> bool:
     return True
 
 
-def load_ground_truth(run, config, fingerprint: str, p: float, output: str, n_train: int):
+def load_ground_truth(run, config, fingerprint: str, p: float, output: str, n_train: int,
+                      mix_devices: bool = False):
     """(masks bool (m, N), outputs (m, n_test)) of drop fraction p, verified against the run and
-    config.ground_truth; None if nothing was retrained for p; StageError saying what to run."""
+    config.ground_truth; None if nothing was retrained for p; StageError saying what to run.
+    Retrainings of several device types (bits agree only within one) are refused unless mix_devices."""
     from magic_cli.errors import ArtifactError
     from magic_cli.run_dir import load_npy, verify
 
@@ -244,6 +336,10 @@ def load_ground_truth(run, config, fingerprint: str, p: float, output: str, n_tr
             raise StageError(f"{folder} was retrained with ground_truth.batch={old.get('batch', 1)}; pass that, or "
                              f"rerun `magic retrain-ground-truth` with ground_truth.batch={gt.batch}") from None
         raise StageError(f"{e}: rerun `magic retrain-ground-truth` to rebuild it") from None
+    types = side.get("device_types", [])
+    if len(types) > 1 and not mix_devices:
+        raise StageError(f"{folder} mixes retrainings run on {' and '.join(types)} (bit-identity holds per device "
+                         "type): retrain the subsets of one of them, or pass --mix-devices to score anyway")
     if side["num_subsets"] < gt.num_subsets:
         raise StageError(f"{folder} has {side['num_subsets']} retrainings but ground_truth.num_subsets="
                          f"{gt.num_subsets}: run `magic retrain-ground-truth` to add the rest")
@@ -268,5 +364,7 @@ def _run_tasks(config, tasks: list[Task], workers: int):
         return
     import multiprocessing as mp
 
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(config.raw,)) as pool:
+    ctx = mp.get_context("spawn")
+    ranks = ctx.Value("i", 0)  # each worker takes the next number: its GPU with device=cuda
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(config.raw, ranks)) as pool:
         yield from pool.imap_unordered(_retrain, tasks)

@@ -19,15 +19,16 @@ from magic_cli.run_dir import RunDir, StageError, load_npy, save_bytes, save_jso
 SCATTER_IDS = 4  # test ids per scatter plot
 
 
-def score_stage(config, run: RunDir) -> dict:
-    """Compute LDS for every method x drop fraction with ground truth; write report/; return summary."""
+def score_stage(config, run: RunDir, mix_devices: bool = False) -> dict:
+    """Compute LDS for every method x drop fraction with ground truth; write report/; return summary.
+    Ground truth retrained on several device types is refused unless mix_devices."""
     with run.lock(exclusive=False):
         run.clean(exclusive=False)
         record = run.require_trained(config)
-        return _score(config, run, record)
+        return _score(config, run, record, mix_devices)
 
 
-def _score(config, run: RunDir, record: dict) -> dict:
+def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> dict:
     import pandas as pd
 
     from magic_cli.assemble import load_data_weights
@@ -43,7 +44,7 @@ def _score(config, run: RunDir, record: dict) -> dict:
     n_train = int(record["metrics"]["n_train"])
     truth = {}
     for p in config.ground_truth.drop_fractions:
-        loaded = load_ground_truth(run, config, fingerprint, p, output, n_train)
+        loaded = load_ground_truth(run, config, fingerprint, p, output, n_train, mix_devices)
         if loaded is not None:
             truth[p] = loaded
     if not truth:
