@@ -3,7 +3,8 @@
     attribute/<method>/settings.json   the settings (output, options) and fingerprint of the folder
     attribute/<method>/test_<id>.npy   (N,) scores of one test id, with its sidecar test_<id>.json
     attribute/<method>/scores.npy      (N, n_ids) every valid test id of the folder, ids ascending
-    attribute/<method>/scores.json     its sidecar: test_ids, output, method, sign, fingerprint, sha256, seconds
+    attribute/<method>/scores.json     its sidecar: test_ids, output, method, sign, fingerprint, sha256, seconds,
+                                       adjoint_growth (per id: max_t |lambda_t| / |lambda_T|, MAGIC only)
     attribute/<method>/last_run.json   what the last `attribute` did: ids asked and computed, seconds,
                                        checkpoint strategy, peak states, forward steps (not an input)
 
@@ -106,16 +107,19 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
                 stats.peak_states = max(stats.peak_states, st.peak_states)
                 stats.forward_steps += st.forward_steps
                 results = [r.cpu().numpy() for r in results]
+                growth = st.growth
             else:
                 options = settings["options"]
                 results = [BASELINES[method](problem, final, group, output, options).T.to(problem.dtype).cpu().numpy()
                            for group in passes]
+                growth = [[None] * len(group) for group in passes]
             seconds = time.perf_counter() - begin
             stats.seconds += seconds
-            for group, scores in zip(passes, results):
+            for group, scores, grown in zip(passes, results, growth):
                 for j, test_id in enumerate(group):
                     save_artifact(run.test_scores(method, test_id), npy_bytes(scores[j]),
-                                  {**key, "test_id": test_id, "group": group, "seconds": seconds / n_ids})
+                                  {**key, "test_id": test_id, "group": group, "seconds": seconds / n_ids,
+                                   "adjoint_growth": grown[j]})
     invocation = {
         "method": method, "output": output, "test_ids": ids, "ids_computed": computed,
         "seconds": stats.seconds, "peak_states": stats.peak_states, "forward_steps": stats.forward_steps,
@@ -129,7 +133,13 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
     if missing:  # another process replaced one of ours between our write and the merge
         raise StageError(f"test ids {missing[:5]} of {run.attribute_dir(method)} were overwritten while this "
                          "command ran; run it again")
-    return {**invocation, "shape": side["shape"], "merged_ids": len(side["test_ids"])}
+    from magic_cli.metagrad import GROWTH_WARN
+
+    grown = dict(zip(side["test_ids"], side["adjoint_growth"]))
+    growth = [grown[i] for i in ids if grown.get(i) is not None]
+    return {**invocation, "shape": side["shape"], "merged_ids": len(side["test_ids"]),
+            "adjoint_growth": max(growth) if growth else None,
+            "grown_ids": [i for i in ids if (grown.get(i) or 0) > GROWTH_WARN]}
 
 
 def _passes(todo: list[list[int]], method: str, config) -> list[list[list[int]]]:
@@ -193,7 +203,8 @@ def merge_scores(run, method: str, key: dict, settings: dict, invocation: dict) 
         arrays = [load_npy(run.test_scores(method, i)) for i in valid]
         seconds = sum(records[i]["seconds"] for i in valid)
         merged = np.stack(arrays, axis=1) if arrays else np.zeros((0, 0))
-        meta = {**key, **settings, "test_ids": valid, "sign": SIGN, "seconds": seconds,
+        growth = [records[i].get("adjoint_growth") for i in valid]  # None for the baselines
+        meta = {**key, **settings, "test_ids": valid, "sign": SIGN, "seconds": seconds, "adjoint_growth": growth,
                 "shape": list(merged.shape), "dtype": str(merged.dtype)}
         side = save_artifact(run.scores_npy(method), npy_bytes(merged), meta)
         save_json(run.attribute_last_run(method), invocation)

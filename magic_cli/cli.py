@@ -51,6 +51,7 @@ OUT_OF_MEMORY = {
     "train": "lower train.batch_size or use a smaller model",
     "retrain-ground-truth": "lower --workers or train.batch_size",
     "score": "attribute fewer test ids",
+    "smoothness": "lower --workers or train.batch_size",
 }
 
 
@@ -130,6 +131,11 @@ def attribute(
         if side["method"] == "magic" and side["ids_computed"] else ""
     _console().print(f"{side['method']}: {len(side['test_ids'])} test ids ({side['ids_computed']} computed) in "
                      f"{side['seconds']:.2f}s{extra}")
+    if side["grown_ids"]:
+        ids = ", ".join(map(str, side["grown_ids"][:8])) + (" ..." if len(side["grown_ids"]) > 8 else "")
+        _console().print(f"[yellow]warning:[/] the adjoint grew {side['adjoint_growth']:.1e}x over the reverse pass "
+                         f"(test ids {ids}): training amplifies perturbations, so expect a low LDS; "
+                         "`magic smoothness` measures it before attribution")
     typer.echo(f"wrote {run.scores_npy(side['method'])} {tuple(side['shape'])} ({side['merged_ids']} test ids)")
 
 
@@ -176,7 +182,7 @@ def score(
                               "whose bits differ.")] = False,
 ):
     """LDS of every attribution method against the ground truth; writes report/."""
-    from magic_cli.report import rich_table, score_stage
+    from magic_cli.report import low_lds_lines, rich_table, score_stage
     from magic_cli.run_dir import RunDir
 
     cfg = _load(overrides, config_dir)
@@ -185,10 +191,51 @@ def score(
     from rich.console import Console
 
     Console().print(rich_table(result))
+    for line in low_lds_lines(result):
+        _console().print(f"[yellow]low LDS:[/] {line}")
     if result["missing_drop_fractions"]:
         _console().print("no ground truth yet for drop " + ", ".join(f"{p:g}" for p in result["missing_drop_fractions"])
                          + " (run `magic retrain-ground-truth`)")
     typer.echo(f"wrote {run.report_dir / 'report.md'}")
+
+
+@app.command()
+def smoothness(
+    overrides: Overrides = None, config_dir: ConfigDir = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", help="Parallel training processes, one torch thread each (results do not depend on it).")] = 1,
+    sweep: Annotated[bool, typer.Option(
+        "--sweep", help="Overrides with Hydra sweep syntax (optimizer.lr=1e-3,3e-3 model.head_scale=0.1,1): every "
+                        "combination, one table, and the recommended one.")] = False,
+):
+    """Will MAGIC work here? The metasmoothness S of training in the data weights (no metagradient),
+    over the parameters and the test outputs, with a verdict; --sweep searches recipes."""
+    from magic_cli.progress import rich_progress
+    from magic_cli.run_dir import RunDir
+    from magic_cli.smoothness import VERDICTS, smoothness_stage, sweep_stage
+
+    if sweep:
+        res = _run("smoothness", sweep_stage, list(overrides or []), str(config_dir) if config_dir else None,
+                   workers, progress_factory=rich_progress)
+        from magic_cli.smoothness import recommendation_reason, table_lines
+
+        typer.echo("metasmoothness S over the test outputs (± over directions), over the parameters, accuracy; "
+                   "* on the Pareto front")
+        for line in table_lines(res):
+            typer.echo(line)
+        _console().print(recommendation_reason(res))
+        typer.echo(f"recommended: {res['recommended']}")
+        typer.echo(f"wrote {res['folder']}/sweep.md (and sweep.csv, sweep.png)")
+        return
+    cfg = _load(overrides, config_dir)
+    run = RunDir(cfg.out_dir)
+    res = _run("smoothness", smoothness_stage, cfg, run, workers, progress_factory=rich_progress)
+    so, sp = res["S_outputs"], res["S_params"]
+    _console().print(f"S over test outputs [bold]{so['mean']:.3f}[/] ± {so['std']:.3f}, over parameters "
+                     f"{sp['mean']:.3f} ± {sp['std']:.3f} ({res['directions']} directions, h={res['h']}); "
+                     f"test accuracy {res['test_accuracy']:.4f}, train {res['train_seconds']:.2f}s")
+    typer.echo(VERDICTS[res["verdict"]])
+    typer.echo(f"wrote {run.smoothness_summary}")
 
 
 @config_app.command("show")

@@ -186,6 +186,22 @@ class GroundTruthConfig:
         _check(self.batch >= 1, f"ground_truth.batch must be >= 1, got {self.batch}")
 
 
+@dataclass(frozen=True)
+class SmoothnessConfig:
+    """`magic smoothness` (smoothness.py); never part of the training fingerprint."""
+
+    h: float = 0.5  # step along each direction: trainings at w + h v and w + 2h v
+    directions: int = 4  # seeded random directions v
+    seed: int = 0  # seed of the directions (independent of the training seed)
+    drop_fraction: float = 0.01  # v = minus the indicator of this fraction of the training examples
+
+    def __post_init__(self):
+        _check(0 < self.h <= 0.5, f"smoothness.h must be in (0, 0.5] (w + 2h v keeps weights >= 0), got {self.h}")
+        _check(self.directions >= 1, f"smoothness.directions must be >= 1, got {self.directions}")
+        _check(self.seed >= 0, f"smoothness.seed must be >= 0, got {self.seed}")
+        _check(0 < self.drop_fraction < 1, f"smoothness.drop_fraction must be in (0, 1), got {self.drop_fraction}")
+
+
 LAUNCHERS = ("local", "slurm")
 # SLURM job states after which a task is over (sacct's words); anything else is still queued or running.
 SLURM_ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
@@ -241,6 +257,7 @@ class Config:
     attribute: AttributeConfig
     ground_truth: GroundTruthConfig
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    smoothness: SmoothnessConfig = field(default_factory=SmoothnessConfig)
     plugins: tuple = ()  # user plugins (.py files or module names) that register models and datasets
     raw: dict = field(repr=False, compare=False, default_factory=dict)
 

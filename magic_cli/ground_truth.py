@@ -347,8 +347,10 @@ def load_ground_truth(run, config, fingerprint: str, p: float, output: str, n_tr
     return masks, load_npy(path)[:gt.num_subsets]
 
 
-def _run_tasks(config, tasks: list[Task], workers: int):
-    """Yield (task, outputs) as retrainings finish; in-process for one worker."""
+def _run_tasks(config, tasks: list, workers: int, fn=None):
+    """Yield fn(task) (default _retrain) as trainings finish, in worker processes that each built
+    the problem (one torch thread); in this process for one worker."""
+    fn = fn or _retrain
     if not tasks:
         return
     if workers == 1:
@@ -358,7 +360,7 @@ def _run_tasks(config, tasks: list[Task], workers: int):
         _init_worker(config.raw)
         try:
             for task in tasks:
-                yield _retrain(task)
+                yield fn(task)
         finally:
             torch.set_num_threads(threads)
         return
@@ -367,4 +369,4 @@ def _run_tasks(config, tasks: list[Task], workers: int):
     ctx = mp.get_context("spawn")
     ranks = ctx.Value("i", 0)  # each worker takes the next number: its GPU with device=cuda
     with ctx.Pool(workers, initializer=_init_worker, initargs=(config.raw, ranks)) as pool:
-        yield from pool.imap_unordered(_retrain, tasks)
+        yield from pool.imap_unordered(fn, tasks)

@@ -204,3 +204,33 @@ def attribute_job(cwd: str, raw: dict, ids: list[int]) -> int:
     config = from_dict(raw)
     here = dataclasses.replace(config, launcher=dataclasses.replace(config.launcher, name="local"))
     return attribute_stage(here, RunDir(config.out_dir), ",".join(map(str, ids)))["ids_computed"]
+
+
+def smoothness_on_slurm(config, run, todo: list[int], progress_factory=None) -> str | None:
+    """Smoothness: one array task per direction of `todo` (each trains the base run, w + h v and
+    w + 2h v) and one for the base run's outputs. Returns None or the line saying what failed."""
+    from magic_cli.run_dir import status
+    from magic_cli.smoothness import identity
+
+    def ok(i) -> bool:
+        path = run.smoothness_base if i is None else run.smoothness_direction(i)
+        return status(path, identity(config, i)) == "ok"
+
+    pieces = [Piece("base", (None,))] + [Piece(f"direction_{i}", (i,)) for i in todo]
+    return run_pieces(config, "smoothness", pieces, smoothness_job, lambda piece: ok(piece.args[0]),
+                      lambda: sum(ok(p.args[0]) for p in pieces), len(pieces), "smoothness on the cluster",
+                      progress_factory)
+
+
+def smoothness_job(cwd: str, raw: dict, direction: int | None) -> int:
+    """The body of one array task: one direction (or, for None, the base run only)."""
+    from magic_cli.config import from_dict
+    from magic_cli.run_dir import RunDir
+    from magic_cli.smoothness import compute_directions
+
+    os.chdir(cwd)
+    config = from_dict(raw)
+    run = RunDir(config.out_dir)
+    with run.lock(exclusive=False):
+        todo = [] if direction is None else [direction]
+        return compute_directions(config, run, todo, 1, write_base=direction is None)

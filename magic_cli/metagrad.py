@@ -33,6 +33,22 @@ class ReverseStats:
     peak_states: int = 0
     forward_steps: int = 0
     steps: int = 0
+    growth: list | None = None  # per group: (J,) max_t |lambda_t| / |lambda_T| over the parameters
+
+
+# Adjoint norms are read at about this many steps of the reverse pass (a reduction over the
+# cotangents each time; every step would cost a few per cent).
+GROWTH_READINGS = 100
+# An adjoint that grows by more than this over the reverse pass (orders of magnitude) means
+# training amplifies perturbations: chaotic, and the linear prediction (LDS) will be poor.
+GROWTH_WARN = 1e3
+
+
+def adjoint_norms(lam: TrainState):
+    """|lambda| over the parameters' part of the cotangents, per test id: (J,)."""
+    import torch
+
+    return torch.stack([v.flatten(1).double().pow(2).sum(1) for v in lam.params.values()]).sum(0).sqrt()
 
 
 def output_cotangents(problem: Problem, state: TrainState, test_ids, output: str) -> TrainState:
@@ -80,6 +96,9 @@ def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: st
     # sqrt/replay/binomial every stored checkpoint (with `all` nothing else is recomputed).
     check_at = {T: final} if strategy == "all" else {**stored, T: final}
     lams = [output_cotangents(problem, final, ids, output) for ids in groups]
+    first = [adjoint_norms(lam).clamp(min=1e-300) for lam in lams]
+    peak = [f.clone() for f in first]
+    stride = max(1, T // GROWTH_READINGS)
     scores = [torch.zeros(len(ids), problem.dataset.n_train, dtype=problem.dtype, device=problem.device)
               for ids in groups]
     for done, (t, s_t) in enumerate(states):
@@ -100,9 +119,12 @@ def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: st
                     f"the adjoint became NaN/Inf around step {t}: increase optimizer.eps_root or lower "
                     f"optimizer.lr")
             scores[g][:, problem.schedule[t].to(problem.device)] += beta
+            if t % stride == 0:
+                peak[g] = torch.maximum(peak[g], adjoint_norms(lams[g]))
         if progress is not None:
             progress(done + 1)
-    stats = ReverseStats(time.perf_counter() - start, states.peak_states, states.forward_steps, T)
+    growth = [(p / f).cpu().tolist() for p, f in zip(peak, first)]
+    stats = ReverseStats(time.perf_counter() - start, states.peak_states, states.forward_steps, T, growth)
     return scores, stats
 
 

@@ -17,6 +17,7 @@ from magic_cli.metrics import mean_with_ci, per_test_correlations, predicted_cha
 from magic_cli.run_dir import RunDir, StageError, load_npy, save_bytes, save_json, save_text
 
 SCATTER_IDS = 4  # test ids per scatter plot
+LOW_LDS = 0.5  # `score` names the test ids whose LDS is below this, with their slope
 
 
 def score_stage(config, run: RunDir, mix_devices: bool = False) -> dict:
@@ -71,11 +72,14 @@ def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> dict
             for j, test_id in enumerate(ids):
                 rows.append({"method": method, "drop": p, "test_id": test_id,
                              **{k: float(v[j]) for k, v in corr.items()}})
+            weak = sorted((float(corr["spearman"][j]), test_id, float(corr["slope"][j]))
+                          for j, test_id in enumerate(ids) if corr["spearman"][j] < LOW_LDS)
             mean, low, high = mean_with_ci(corr["spearman"], seed=config.ground_truth.seed)
             summary[method][f"{p:g}"] = {
                 "mean": mean, "ci_low": low, "ci_high": high,
                 "n_test": int(np.isfinite(corr["spearman"]).sum()), "n_subsets": int(masks.shape[0]),
                 "pearson": float(np.nanmean(corr["pearson"])), "slope": float(np.nanmedian(corr["slope"])),
+                "low_lds": [{"test_id": i, "lds": v, "slope": sl} for v, i, sl in weak],  # worst first
             }
             scatter_data[(method, p)] = (predicted[:, :SCATTER_IDS], actual[:, :SCATTER_IDS], ids[:SCATTER_IDS])
 
@@ -93,6 +97,19 @@ def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> dict
     for (method, p), (pred, act, sids) in scatter_data.items():
         save_bytes(out / f"scatter_{method}_{p:g}.png", _plot_scatter(method, p, pred, act, sids))
     return result
+
+
+def low_lds_lines(result: dict, limit: int = 6) -> list[str]:
+    """One line per method x drop fraction with test ids whose LDS is below LOW_LDS, worst first."""
+    lines = []
+    for method, per_drop in result["lds"].items():
+        for p, s in per_drop.items():
+            weak = s.get("low_lds") or []
+            if weak:
+                shown = ", ".join(f"{w['test_id']} ({w['lds']:.2f}, slope {w['slope']:.2f})" for w in weak[:limit])
+                lines.append(f"{method}, drop {p}: {len(weak)} of {s['n_test']} test ids have LDS < {LOW_LDS}: "
+                             f"{shown}{' ...' if len(weak) > limit else ''}")
+    return lines
 
 
 def rich_table(result: dict):
@@ -128,6 +145,10 @@ def _markdown(result: dict, config) -> str:
             lines.append(f"| {method} | {p} | {s['mean']:.3f} | [{s['ci_low']:.3f}, {s['ci_high']:.3f}] | "
                          f"{s['n_test']} | {s['n_subsets']} | {s['pearson']:.3f} | {s['slope']:.3f} | "
                          f"{'-' if secs is None else f'{secs:.1f}'} |")
+    weak = low_lds_lines(result, limit=20)
+    if weak:
+        lines += ["", f"Test ids whose LDS is below {LOW_LDS} (LDS, slope), worst first: where training is not "
+                      "smooth for them, or their output barely moves.", ""] + [f"- {line}" for line in weak]
     lines += ["", "![LDS vs drop fraction](lds_vs_drop.png)", ""]
     return "\n".join(lines)
 

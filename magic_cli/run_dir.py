@@ -396,6 +396,22 @@ class RunDir:
     def ground_truth_outputs(self, p: float, output: str) -> Path:
         return self.ground_truth_dir(p) / f"outputs_{output}.npy"
 
+    # smoothness/
+    @property
+    def smoothness_dir(self) -> Path:
+        return self.root / "smoothness"
+
+    def smoothness_direction(self, i: int) -> Path:
+        return self.smoothness_dir / f"direction_{i:03d}.npz"
+
+    @property
+    def smoothness_base(self) -> Path:
+        return self.smoothness_dir / "base.npz"
+
+    @property
+    def smoothness_summary(self) -> Path:
+        return self.smoothness_dir / "summary.json"
+
     # report/
     @property
     def report_dir(self) -> Path:
@@ -510,7 +526,7 @@ class RunDir:
         rename, so an interrupted clear leaves no finished training next to older results."""
         trash = self.root / TRASH
         trash.mkdir(exist_ok=True)
-        for sub in ("train", "attribute", "ground_truth", "report"):
+        for sub in ("train", "attribute", "ground_truth", "report", "smoothness"):
             if (self.root / sub).exists():
                 os.replace(self.root / sub, trash / f"{sub}-{uuid.uuid4().hex}")
         shutil.rmtree(trash, ignore_errors=True)

@@ -189,3 +189,15 @@ def test_a_task_that_always_fails_is_retried_then_named_in_one_line(trained, tmp
     record = json.loads((tmp_path / "slurm" / "default" / "ground_truth" / "jobs.json").read_text())
     assert all(sacct_states()[job] == "FAILED" for job in record.values())
     assert not list((trained / "ground_truth").rglob("subset_*.npz"))
+
+
+def test_smoothness_on_the_cluster_equals_a_local_run(tmp_path):
+    wait_for_idle()
+    args = [*TINY, "smoothness.directions=3"]
+    here = magic("smoothness", *args, f"out_dir={tmp_path / 'here'}", cwd=tmp_path)
+    assert here.returncode == 0, here.stderr
+    there = magic("smoothness", *args, *SLURM, f"out_dir={tmp_path / 'there'}", cwd=tmp_path)
+    assert there.returncode == 0, there.stderr
+    record = json.loads((tmp_path / "slurm" / "default" / "smoothness" / "jobs.json").read_text())
+    assert sorted(record) == ["base", "direction_0", "direction_1", "direction_2"]  # one task each
+    assert files_of(tmp_path / "there" / "smoothness") == files_of(tmp_path / "here" / "smoothness")
