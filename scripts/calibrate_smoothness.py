@@ -31,6 +31,8 @@ CONFIGS = {  # name: overrides (each names a recipe; all run with the defaults b
     "cnn lr 1e-2, head 0.1": ["experiment=digits_cnn", "optimizer.lr=0.01", "model.head_scale=0.1"],
     "cnn lr 1e-2, eps_root 0": ["experiment=digits_cnn", "optimizer.lr=0.01", "optimizer.eps_root=0"],
     "cnn lr 5e-3, eps_root 1e-4": ["experiment=digits_cnn", "optimizer.lr=0.005", "optimizer.eps_root=0.0001"],
+    "cnn lr 1e-2, eps_root 1e-2, 80 ep": ["experiment=digits_cnn", "optimizer.lr=0.01", "optimizer.eps_root=0.01",
+                                          "train.epochs=80"],
 }
 PROTOCOL = ["ground_truth.drop_fractions=[0.01]", "ground_truth.num_subsets=50"]
 
