@@ -203,9 +203,6 @@ class SmoothnessConfig:
 
 
 LAUNCHERS = ("local", "slurm")
-# SLURM job states after which a task is over (sacct's words); anything else is still queued or running.
-SLURM_ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
-                "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "READY", "UNKNOWN", "")
 
 
 @dataclass(frozen=True)

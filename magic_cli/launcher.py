@@ -26,8 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from magic_cli.config import SLURM_ACTIVE
 from magic_cli.errors import ConfigError, StageError
+
+# sacct's states of a job that is still queued or running; any other state means it has ended.
+SLURM_ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
+                "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "READY", "UNKNOWN", "")
 
 
 @dataclass

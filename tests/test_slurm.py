@@ -59,11 +59,22 @@ def sacct_states() -> dict:
     return dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
 
 
-def wait_for_idle(limit: float = 120) -> None:
-    deadline = time.time() + limit
-    while subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
-        assert time.time() < deadline, "jobs left on the cluster"
-        time.sleep(0.5)
+def wait_until(condition, what: str, proc: subprocess.Popen | None = None, interval: float = 0.1,
+               polls: int = 1200) -> None:
+    """Poll `condition` until it holds. A guard against a hang, not a speed check: after `polls`
+    looks, or once `proc` has exited, the test fails saying what never happened."""
+    for _ in range(polls):
+        if condition():
+            return
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the command exited before {what}: {proc.stderr.read()}")
+        time.sleep(interval)
+    pytest.fail(f"gave up waiting for {what}")
+
+
+def wait_for_idle() -> None:
+    wait_until(lambda: not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip(),
+               "the cluster's queue to empty", interval=0.5, polls=240)
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +138,7 @@ def test_ground_truth_on_the_cluster_is_byte_equal_and_survives_a_cancelled_task
 def test_interrupted_submitter_rerun_follows_its_jobs_and_redoes_nothing(local, trained, tmp_path):
     wait_for_idle()
     proc = start("retrain-ground-truth", *BASE, *SLURM, f"out_dir={trained}", cwd=tmp_path)
-    deadline = time.time() + 120
-    while not subset_file(trained, 0).exists() and not subset_file(trained, 1).exists():
-        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
-        time.sleep(0.1)
+    wait_until(lambda: subset_file(trained, 0).exists() or subset_file(trained, 1).exists(), "a first subset", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2, err
@@ -152,10 +160,7 @@ def test_merge_only_merges_what_jobs_finished_while_no_command_watched(local, tr
     wait_for_idle()
     proc = start("retrain-ground-truth", *BASE, *SLURM, f"out_dir={trained}", cwd=tmp_path)
     record_path = tmp_path / "slurm" / "default" / "ground_truth" / "jobs.json"
-    deadline = time.time() + 60
-    while not record_path.exists():
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    wait_until(record_path.exists, "the jobs' submission", proc, interval=0.05)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     res = magic("retrain-ground-truth", "--merge-only", *BASE, *SLURM, f"out_dir={trained}", cwd=tmp_path)
