@@ -98,11 +98,15 @@ def run_pieces(config, stage: str, pieces: list[Piece], fn: Callable, is_done: C
     executor = _executor(config, folder, stage)
     cwd, raw = os.getcwd(), config.raw
 
-    todo = [p for p in pieces if not is_done(p)]
-    jobs = {p.key: submitit.SlurmJob(folder=folder / "%j", job_id=record[p.key]) for p in todo if p.key in record}
+    jobs = {p.key: submitit.SlurmJob(folder=folder / "%j", job_id=record[p.key])
+            for p in pieces if p.key in record and not is_done(p)}
     if jobs:
         submitit.SlurmJob.watcher.update()
     jobs = {key: job for key, job in jobs.items() if _state(job) in SLURM_ACTIVE}  # still in flight: follow
+    # The files are read after the states: a job that ended between a first look at its files and
+    # sacct's answer has left them by now, and must not be submitted again.
+    todo = [p for p in pieces if not is_done(p)]
+    jobs = {p.key: jobs[p.key] for p in todo if p.key in jobs}
     by_key = {p.key: p for p in todo}
     submit = [p for p in todo if p.key not in jobs]
     attempts = {p.key: 0 for p in todo}

@@ -81,3 +81,43 @@ def test_a_site_launcher_file_in_a_config_dir_fills_the_rest_with_defaults(tmp_p
     lc = load(TINY + ["launcher=mycluster"], str(tmp_path)).launcher
     assert (lc.name, lc.partition, lc.gpus_per_task, lc.max_retries) == ("slurm", "gpu", 1, 2)
     assert lc.setup == ("module load cuda", "source .venv/bin/activate") and lc.sbatch == {"constraint": "a100"}
+
+
+def test_a_job_that_ends_while_a_rerun_starts_is_not_submitted_again(tmp_path, monkeypatch):
+    """The race behind a flaky cluster test: a rerun looked at a piece's files (not there yet),
+    then sacct said its job had COMPLETED; the piece was submitted a second time. The files are
+    now read after the states. The cluster is faked here; tests/test_slurm.py has the real one."""
+    import submitit
+
+    from magic_cli import launcher
+    from magic_cli.config import load
+
+    config = load(TINY + ["launcher=slurm", f"launcher.folder={tmp_path}", "launcher.poll_s=0.001"])
+    folder = launcher.job_folder(config, "ground_truth")
+    folder.mkdir(parents=True)
+    (folder / "jobs.json").write_text(json.dumps({"block_0": "7"}))
+
+    class EndedJob:  # what submitit.SlurmJob says of job 7: it has just completed
+        watcher = type("Watcher", (), {"update": staticmethod(lambda: None)})()
+
+        def __init__(self, folder, job_id):
+            self.job_id = job_id
+
+        def get_info(self, mode):
+            return {"State": "COMPLETED"}
+
+    class NoSubmit:
+        def batch(self):
+            raise AssertionError("a finished piece was submitted again")
+
+    looks = []
+
+    def is_done(piece):  # the job's files appear between the first look and the second
+        looks.append(piece.key)
+        return len(looks) > 1
+
+    monkeypatch.setattr(submitit, "SlurmJob", EndedJob)
+    monkeypatch.setattr(launcher, "_executor", lambda *a: NoSubmit())
+    failed = launcher.run_pieces(config, "ground_truth", [launcher.Piece("block_0", ())], print, is_done,
+                                 lambda: len(looks), 1, "retraining")
+    assert failed is None and len(looks) == 2
