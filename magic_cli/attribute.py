@@ -72,18 +72,27 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
     from magic_cli.metagrad import ReverseStats, reverse_pass
     from magic_cli.progress import no_progress
     from magic_cli.run_dir import npy_bytes, save_artifact, status
-    from magic_cli.train import load_final_and_stored
+    from magic_cli.train import checkpoint_param, load_final_and_stored, state_size
 
     ids = parse_test_ids(test_ids_spec, problem.dataset.n_test)
     settings, key = settings_of(config), identity(config, record)
     method, output = settings["method"], settings["output"]
     _prepare_folder(run, method, settings, record["fingerprint"], overwrite)
 
-    size = config.attribute.batch_size if method == "magic" else len(ids)
+    template = problem.init_state()
+    size, share, plan = config.attribute.batch_size if method == "magic" else len(ids), None, None
+    if method == "magic" and config.attribute.memory is not None:  # as many ids per group as fit
+        from magic_cli.config import parse_bytes
+        from magic_cli.memory import plan_groups
+
+        plan = plan_groups(problem, template, parse_bytes(config.attribute.memory), size,
+                           config.attribute.replay_groups, len(ids), config.checkpoint.name != "all")
+        size, share = plan.batch_size, plan.groups_per_pass
     groups = [ids[i:i + size] for i in range(0, len(ids), size)]
     todo = [g for g in groups if overwrite or any(status(run.test_scores(method, i), {**key, "test_id": i}) != "ok"
                                                   for i in g)]
     stats = ReverseStats(steps=problem.total_steps)
+    param = checkpoint_param(config, template)  # binomial's memory in bytes -> states
     computed, failed = sum(map(len, todo)), None
     if todo and config.launcher.name == "slurm":  # one array task per group, each writing its own files
         from magic_cli.launcher import attribute_on_slurm
@@ -94,7 +103,7 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
     if todo:
         final, stored = load_final_and_stored(problem, run, record)
         done = 0
-        for passes in _passes(todo, method, config):
+        for passes in _passes(todo, method, config, share):
             n_ids = sum(map(len, passes))
             done += n_ids
             label = (f"{method} {n_ids} id{'s' if n_ids > 1 else ''}"
@@ -103,7 +112,7 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
             if method == "magic":
                 with (progress_factory or no_progress)(label, problem.total_steps) as advance:
                     results, st = reverse_pass(problem, final, stored, config.checkpoint.name,
-                                               config.checkpoint.param, passes, output, progress=advance)
+                                               param, passes, output, progress=advance)
                 stats.peak_states = max(stats.peak_states, st.peak_states)
                 stats.forward_steps += st.forward_steps
                 results = [r.cpu().numpy() for r in results]
@@ -123,8 +132,9 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
     invocation = {
         "method": method, "output": output, "test_ids": ids, "ids_computed": computed,
         "seconds": stats.seconds, "peak_states": stats.peak_states, "forward_steps": stats.forward_steps,
-        "steps": problem.total_steps, "batch_size": config.attribute.batch_size,
-        "checkpoint": {"name": config.checkpoint.name, "param": config.checkpoint.param},
+        "steps": problem.total_steps, "batch_size": size, **({"memory": plan.as_dict()} if plan else {}),
+        "checkpoint": {"name": config.checkpoint.name, "param": param, "state_bytes": state_size(template),
+                       **({"memory": config.checkpoint.memory} if config.checkpoint.name == "binomial" else {})},
     }
     side = merge_scores(run, method, key, settings, invocation)
     if failed:
@@ -142,11 +152,12 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
             "grown_ids": [i for i in ids if (grown.get(i) or 0) > GROWTH_WARN]}
 
 
-def _passes(todo: list[list[int]], method: str, config) -> list[list[list[int]]]:
+def _passes(todo: list[list[int]], method: str, config, share: int | None = None) -> list[list[list[int]]]:
     """The groups each reverse pass takes. With a strategy that recomputes states (sqrt, replay,
-    binomial), up to attribute.replay_groups groups (0: all) share one replay of training; with
-    `all` (nothing recomputed) and for the baselines, one group per pass, each written as it ends."""
-    share = config.attribute.replay_groups or len(todo)
+    binomial), up to attribute.replay_groups groups (0: all; `share` when attribute.memory chose it)
+    share one replay of training; with `all` (nothing recomputed) and for the baselines, one group
+    per pass, each written as it ends."""
+    share = share or config.attribute.replay_groups or len(todo)
     if method != "magic" or config.checkpoint.name == "all":
         share = 1
     return [todo[i:i + share] for i in range(0, len(todo), share)]

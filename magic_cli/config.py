@@ -112,23 +112,54 @@ class TrainConfig:
             _check(path is None or Path(path).is_file(), f"train.{key}: no such file {path!r}")
 
 
+BYTE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int | None:
+    """'512MB' -> 512000000, '1.5GiB' -> 1610612736; None if it is not a size with a unit."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+)\s*", text)
+    if not match or match.group(2).upper() not in BYTE_UNITS:
+        return None
+    return int(float(match.group(1)) * BYTE_UNITS[match.group(2).upper()])
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
     name: str = "all"  # all | sqrt | replay | binomial (replay.py)
     k: int = 4  # replay branching factor
-    memory: int = 16  # binomial: the most states held at once in the reverse pass
+    # binomial: the most training states held at once in the reverse pass, as a count (16) or as
+    # bytes with a unit ("2GB", "512MiB"): then as many whole states as fit (train.checkpoint_param)
+    memory: int | str = 16
 
     def __post_init__(self):
         from magic_cli.replay import STRATEGIES
 
         _choice("checkpoint.name", self.name, STRATEGIES)
         _check(self.k >= 2, f"checkpoint.k must be >= 2, got {self.k}")
-        _check(self.memory >= 3, f"checkpoint.memory must be >= 3 states, got {self.memory}")
+        if isinstance(self.memory, str):
+            _check(bool(self.memory_bytes), "checkpoint.memory must be a number of states or a size with a unit "
+                                            f"(B, KB, MB, GB, KiB, MiB, GiB; e.g. 512MB), got {self.memory!r}")
+        else:
+            _check(isinstance(self.memory, int) and not isinstance(self.memory, bool) and self.memory >= 3,
+                   f"checkpoint.memory must be >= 3 states, got {self.memory!r}")
+
+    @property
+    def memory_bytes(self) -> int | None:
+        """checkpoint.memory as bytes when it was given as a size, else None."""
+        return parse_bytes(self.memory) if isinstance(self.memory, str) else None
 
     @property
     def param(self) -> int:
-        """The strategy's parameter: replay's k, binomial's memory (others have none)."""
-        return self.memory if self.name == "binomial" else self.k
+        """The strategy's parameter: replay's k, binomial's memory in states (others have none).
+        A memory in bytes needs the state's size: use train.checkpoint_param(config)."""
+        if self.name == "binomial":
+            if self.memory_bytes is not None:
+                raise ValueError("checkpoint.memory is in bytes: resolve it with train.checkpoint_param")
+            return self.memory
+        return self.k
 
 
 METHODS = ("magic", "grad-dot", "tracin", "trak", "ekfac")
@@ -159,8 +190,10 @@ class EkfacConfig:
 class AttributeConfig:
     method: str = "magic"
     output: str = "loss"  # loss | margin
-    batch_size: int = 64  # test ids per reverse pass
+    batch_size: int = 64  # test ids per reverse pass (with `memory`: the most)
     replay_groups: int = 0  # groups of batch_size ids sharing one replay of training (0: all asked)
+    # a size ("4GB"): groups as large as fit (up to batch_size), measured on this model (memory.py)
+    memory: str | None = None
     trak: TrakConfig = field(default_factory=TrakConfig)
     ekfac: EkfacConfig = field(default_factory=EkfacConfig)
 
@@ -168,6 +201,9 @@ class AttributeConfig:
         _choice("attribute.method", self.method, METHODS)
         _choice("attribute.output", self.output, OUTPUTS)
         _check(self.batch_size >= 1, f"attribute.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.memory is None or bool(parse_bytes(self.memory)),
+               "attribute.memory must be a size with a unit (B, KB, MB, GB, KiB, MiB, GiB; e.g. 4GB), "
+               f"got {self.memory!r}")
         _check(self.replay_groups >= 0, f"attribute.replay_groups must be >= 0, got {self.replay_groups}")
 
 

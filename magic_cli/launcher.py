@@ -209,7 +209,9 @@ def attribute_job(cwd: str, raw: dict, ids: list[int]) -> int:
 
     os.chdir(cwd)
     config = from_dict(raw)
-    here = dataclasses.replace(config, launcher=dataclasses.replace(config.launcher, name="local"))
+    # Exactly this group, as the submitting command formed it (with attribute.memory, from its measurement).
+    here = dataclasses.replace(config, launcher=dataclasses.replace(config.launcher, name="local"),
+                               attribute=dataclasses.replace(config.attribute, batch_size=len(ids), memory=None))
     return attribute_stage(here, RunDir(config.out_dir), ",".join(map(str, ids)))["ids_computed"]
 
 

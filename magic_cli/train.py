@@ -295,6 +295,30 @@ def checkpoint_tag(strategy: str, param: int) -> str:
     return f"{strategy}{param}" if strategy in PARAMETERISED else strategy
 
 
+def state_size(state: TrainState) -> int:
+    """Bytes of one training state in memory (parameters, buffers, optimizer state)."""
+    return sum(v.numel() * v.element_size() for v in flatten_state(state).values())
+
+
+def checkpoint_param(config: Config, template: TrainState | None = None) -> int:
+    """The strategy's parameter (config.checkpoint.param). A binomial memory given in bytes is the
+    number of whole training states that fit in it: a pure function of the config, since a state's
+    size follows from its shapes and dtype (`template`, a state; built from the config if None)."""
+    from magic_cli.errors import ConfigError
+
+    ck = config.checkpoint
+    if ck.name != "binomial" or ck.memory_bytes is None:
+        return ck.param
+    if template is None:
+        template = Problem.build(config).init_state()
+    size = state_size(template)
+    states = ck.memory_bytes // size
+    if states < 3:
+        raise ConfigError(f"checkpoint.memory={ck.memory} holds {states} training state{'s' * (states != 1)} of "
+                          f"{size:,} bytes; checkpoint=binomial needs room for at least 3 ({3 * size:,} bytes)")
+    return states
+
+
 def checkpoint_names(tag: str, total_steps: int) -> list[str]:
     """The files of a strategy's stored states, relative to train/: one per root boundary."""
     from magic_cli.replay import root_boundaries
@@ -343,7 +367,7 @@ def load_final_and_stored(problem: Problem, run, record: dict) -> tuple[TrainSta
     template = problem.init_state()  # the shape of a state (also s_0)
     final = load_state(run.final_state, template, problem.device)
     ck, T = problem.config.checkpoint, problem.total_steps
-    tag = checkpoint_tag(ck.name, ck.param)
+    tag = checkpoint_tag(ck.name, checkpoint_param(problem.config, template))
     if tag != record["checkpoint_tag"] and not all((run.train_dir / n).exists() for n in checkpoint_names(tag, T)):
         derive_checkpoints(problem, run, record, final, template)
     return final, load_checkpoints(run, tag, T, template, problem.device, expect)
@@ -359,7 +383,7 @@ def derive_checkpoints(problem: Problem, run, record: dict, final: TrainState, t
     ck, T = problem.config.checkpoint, problem.total_steps
     source = record["checkpoint_tag"]
     stored = load_checkpoints(run, source, T, template, problem.device, expect)
-    tag = checkpoint_tag(ck.name, ck.param)
+    tag = checkpoint_tag(ck.name, checkpoint_param(problem.config, template))
     wanted = {_step_of(n): run.train_dir / n for n in checkpoint_names(tag, T) if not (run.train_dir / n).exists()}
     staged = Staged()
 
@@ -422,7 +446,7 @@ def _train_stage(config, run, overrides, overwrite, progress_factory) -> dict:
         elif record is not None and record["fingerprint"] != fingerprint:
             raise StageError(f"{run.root} holds a run trained with a different config; choose another name=/out_dir= "
                              "or pass --overwrite (which deletes its attributions and ground truth)")
-        tag = checkpoint_tag(config.checkpoint.name, config.checkpoint.param)
+        tag = checkpoint_tag(config.checkpoint.name, checkpoint_param(config))
         names = sorted({*(record["files"] if record else []), run.final_state.name,
                         *(checkpoint_names(tag, record["steps"]) if record else []),
                         *(run.train_outputs(o).name for o in OUTPUT_FUNCTIONS)})
@@ -462,7 +486,7 @@ def _train_and_write(config, run, overrides, record, names, states, progress_fac
     problem = Problem.build(config)
     T, fingerprint = problem.total_steps, config.fingerprint()
     expect = {"fingerprint": fingerprint}
-    tag = checkpoint_tag(config.checkpoint.name, config.checkpoint.param)
+    tag = checkpoint_tag(config.checkpoint.name, checkpoint_param(config, problem.init_state()))
     names = sorted(set(names) | set(checkpoint_names(tag, T)))
     states = {n: states[n] if n in states else file_status(run.train_dir / n, expect) for n in names}
 
@@ -524,8 +548,7 @@ def _train_and_write(config, run, overrides, record, names, states, progress_fac
     # Written last: its presence marks a finished training run.
     save_record(run.fingerprint_json, {
         "fingerprint": fingerprint, "slice": config.training_slice(), "steps": T, "metrics": metrics,
-        "files": names, "checkpoint_tag": record["checkpoint_tag"] if record else
-        checkpoint_tag(config.checkpoint.name, config.checkpoint.param)})
+        "files": names, "checkpoint_tag": record["checkpoint_tag"] if record else tag})
     status = "trained" if record is None and not repaired else "repaired"
     return {**metrics, **seconds_now, "status": status, "repaired": repaired}
 

@@ -33,6 +33,8 @@ CONFIGS = {  # name: overrides (each names a recipe; all run with the defaults b
     "cnn lr 5e-3, eps_root 1e-4": ["experiment=digits_cnn", "optimizer.lr=0.005", "optimizer.eps_root=0.0001"],
     "cnn lr 1e-2, eps_root 1e-2, 80 ep": ["experiment=digits_cnn", "optimizer.lr=0.01", "optimizer.eps_root=0.01",
                                           "train.epochs=80"],
+    "cnn bs 128, lr 2e-2, eps_root 1e-2, 80 ep": ["experiment=digits_cnn", "train.batch_size=128", "optimizer.lr=0.02",
+                                                  "optimizer.eps_root=0.01", "train.epochs=80"],
 }
 PROTOCOL = ["ground_truth.drop_fractions=[0.01]", "ground_truth.num_subsets=50"]
 

@@ -81,6 +81,31 @@ def test_strategies_give_bit_identical_scores(cli, tmp_path):
             assert side["peak_states"] <= side["checkpoint"]["param"] and side["forward_steps"] > 0
 
 
+def test_a_binomial_memory_in_bytes_holds_as_many_whole_states_as_fit(cli, tmp_path):
+    """checkpoint.memory=<bytes> is the count of whole states that fit (a state's size follows
+    from its shapes): the same checkpoints, schedule and bit-identical scores as that count."""
+    from test_faults import one_line_error
+
+    counted, side = _attribute(cli, tmp_path / "r", "0:4", "checkpoint=binomial", "checkpoint.memory=4")
+    size = side["checkpoint"]["state_bytes"]
+    assert size > 0 and side["peak_states"] * size <= 4 * size
+    for memory in (f"{int(4.9 * size)}B", f"{4.2 * size / 1024:.3f}KiB"):
+        scores, side_b = _attribute(cli, tmp_path / "r", "0:4", "checkpoint=binomial",
+                                    f"checkpoint.memory={memory}", extra=["--overwrite"])
+        assert side_b["checkpoint"] == {"name": "binomial", "param": 4, "state_bytes": size, "memory": memory}
+        assert scores.tobytes() == counted.tobytes() and side_b["forward_steps"] == side["forward_steps"]
+        assert side_b["peak_states"] * size <= 4.2 * size
+    assert [p.name for p in (tmp_path / "r" / "train").glob("checkpoints_*")] == [
+        "checkpoints_binomial4"]  # the byte budgets reused the 4-state checkpoints
+    code, _, err = cli("attribute", "--test-ids", "0:4", *TINY, f"out_dir={tmp_path / 'r'}", "checkpoint=binomial",
+                       f"checkpoint.memory={2 * size + 1}B")
+    one_line_error(code, err, "holds 2 training states", "at least 3")
+    for bad in ("12 parsecs", "MB", "-3MB"):
+        code, _, err = cli("attribute", "--test-ids", "0:4", *TINY, f"out_dir={tmp_path / 'r'}",
+                           "checkpoint=binomial", f"checkpoint.memory='{bad}'")
+        one_line_error(code, err, "checkpoint.memory must be a number of states or a size with a unit")
+
+
 @pytest.mark.parametrize("strategy", [["checkpoint=replay", "checkpoint.k=2"],
                                       ["checkpoint=binomial", "checkpoint.memory=4"]])
 def test_groups_share_one_replay_with_the_scores_of_separate_passes(cli, tmp_path, strategy):
