@@ -54,8 +54,10 @@ def settings_of(config) -> dict:
 
     method = config.attribute.method
     options = {"trak": config.attribute.trak, "ekfac": config.attribute.ekfac}.get(method)
+    if method == "magic" and config.attribute.compile:  # other bits than the eager step: never mixed
+        options = {"compile": True}
     return {"method": method, "output": config.attribute.output,
-            "options": dataclasses.asdict(options) if options else {}}
+            "options": options if isinstance(options, dict) else dataclasses.asdict(options) if options else {}}
 
 
 def identity(config, record: dict) -> dict:
@@ -102,6 +104,11 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
         stats.seconds, todo = time.perf_counter() - begin, []
     if todo:
         final, stored = load_final_and_stored(problem, run, record)
+        batched_vjp = None
+        if method == "magic" and config.attribute.compile:
+            from magic_cli.metagrad import compiled_vjp
+
+            batched_vjp = compiled_vjp(problem)  # one per command: compiled once per group size
         done = 0
         for passes in _passes(todo, method, config, share):
             n_ids = sum(map(len, passes))
@@ -112,7 +119,8 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
             if method == "magic":
                 with (progress_factory or no_progress)(label, problem.total_steps) as advance:
                     results, st = reverse_pass(problem, final, stored, config.checkpoint.name,
-                                               param, passes, output, progress=advance)
+                                               param, passes, output, progress=advance,
+                                               batched_vjp=batched_vjp)
                 stats.peak_states = max(stats.peak_states, st.peak_states)
                 stats.forward_steps += st.forward_steps
                 results = [r.cpu().numpy() for r in results]

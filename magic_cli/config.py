@@ -194,6 +194,7 @@ class AttributeConfig:
     replay_groups: int = 0  # groups of batch_size ids sharing one replay of training (0: all asked)
     # a size ("4GB"): groups as large as fit (up to batch_size), measured on this model (memory.py)
     memory: str | None = None
+    compile: bool = False  # magic: torch.compile the batched backward-over-backward (metagrad.compiled_vjp)
     trak: TrakConfig = field(default_factory=TrakConfig)
     ekfac: EkfacConfig = field(default_factory=EkfacConfig)
 

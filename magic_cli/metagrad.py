@@ -73,13 +73,15 @@ def output_cotangents(problem: Problem, state: TrainState, test_ids, output: str
 
 
 def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: str, k: int,
-                 groups: list[list[int]], output: str, progress=None):
+                 groups: list[list[int]], output: str, progress=None, batched_vjp=None):
     """[scores (J_g, N) per group], ReverseStats: one walk back over the states for all groups.
 
     Each state s_t is recomputed (or loaded) once and used by every group, so a replay costs the
     same for one group as for many; each group's reverse step is the one a pass of its own would
     take (the same vmap over the same ids), so its scores are bit-identical to a separate pass.
     The price is memory: every group's cotangents are held together.
+
+    batched_vjp (compiled_vjp: torch.compile) replaces the batched backward-over-backward.
 
     `stored` maps the checkpoint steps `train` stored to states or lazy loaders; k is the
     strategy's parameter (replay's branching factor, binomial's memory). The final state, and for
@@ -104,7 +106,7 @@ def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: st
     for done, (t, s_t) in enumerate(states):
         for g in range(len(groups)):
             check = g == 0 and t + 1 in check_at
-            s_next, lams[g], beta = reverse_step(problem, s_t, t, lams[g], need_next=check)
+            s_next, lams[g], beta = reverse_step(problem, s_t, t, lams[g], need_next=check, batched_vjp=batched_vjp)
             if check:
                 expected = check_at[t + 1]
                 expected = expected() if callable(expected) else expected
@@ -128,7 +130,8 @@ def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: st
     return scores, stats
 
 
-def reverse_step(problem: Problem, state: TrainState, t: int, lam: TrainState, need_next: bool = True):
+def reverse_step(problem: Problem, state: TrainState, t: int, lam: TrainState, need_next: bool = True,
+                 batched_vjp=None):
     """One step of the reverse pass at s_t for J cotangents lam (leading dim J) of s_{t+1}.
 
     Returns (s_{t+1} or None unless need_next, cotangents of s_t, beta (J, B) = cotangent of
@@ -137,6 +140,8 @@ def reverse_step(problem: Problem, state: TrainState, t: int, lam: TrainState, n
     update. The update's VJP is the optimizer's hand-derived `vjp`; the gradient's VJP is a
     backward-over-backward, with plain autograd for one cotangent and torch.func.vmap over
     torch.func.vjp for several (both give the same values; the first has less overhead).
+    `batched_vjp` (compiled_vjp) replaces the latter for several cotangents; the gradient itself
+    is then computed as training computes it, so s_{t+1} stays bit-equal to the stored states.
     """
     import torch
     from torch.func import vjp, vmap
@@ -148,6 +153,9 @@ def reverse_step(problem: Problem, state: TrainState, t: int, lam: TrainState, n
 
     if J == 1:
         grads, new_buffers, grad_vjp = _grad_vjp_autograd(problem, state, batch, w)
+    elif batched_vjp is not None:
+        grads, new_buffers = problem.grad_fn(state.params, state.buffers, batch.x, batch.y, w)
+        grad_vjp = lambda cts: batched_vjp(state.params, state.buffers, batch.x, batch.y, w, cts)  # noqa: E731
     else:
         (grads, new_buffers), fn = vjp(lambda p, b, w_: problem.grad_fn(p, b, batch.x, batch.y, w_),
                                        state.params, state.buffers, w)
@@ -160,6 +168,45 @@ def reverse_step(problem: Problem, state: TrainState, t: int, lam: TrainState, n
     hvp_p, ct_buffers, beta = grad_vjp((ct_g, lam.buffers))
     ct_params = {k: ct_p[k].add_(hvp_p[k]) for k in ct_p}  # in place: the reverse pass owns ct_p
     return s_next, TrainState(ct_params, ct_buffers, ct_opt), beta
+
+
+def compiled_vjp(problem: Problem):
+    """(params, buffers, x, y, w, (ct_grads, ct_buffers)) -> (J cotangents of params, of buffers,
+    of w), the vmapped VJP of the gradient as one torch.compile'd function: the inductor fuses the
+    elementwise work of the backward-over-backward that dominates the eager step (README,
+    `attribute.compile`). Make one per command: it is recompiled for each new shape (a group of
+    another size); a failure to compile is one line."""
+    import torch
+    from torch.func import vjp, vmap
+
+    from magic_cli.errors import ConfigError
+
+    def fn(params, buffers, x, y, w, cotangents):
+        _, pullback = vjp(lambda p, b, w_: problem.grad_fn(p, b, x, y, w_), params, buffers, w)
+        return vmap(pullback)(cotangents)
+
+    # One compiler state per command: a fresh cache (its recompile limit then counts this
+    # command's group sizes only), the whole function as one graph (no silent eager pieces), and
+    # a failure rather than a silent fallback to eager once the limit is hit.
+    torch._dynamo.reset()
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+    tried: set = set()
+
+    def run(params, buffers, x, y, w, cotangents):
+        J = next(iter(cotangents[0].values())).shape[0]
+        if J in tried:
+            return compiled(params, buffers, x, y, w, cotangents)
+        try:
+            out = compiled(params, buffers, x, y, w, cotangents)
+        except Exception as e:  # any compiler failure (no C++ compiler, an op inductor cannot lower...)
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise ConfigError(f"attribute.compile: torch.compile failed on this model ({type(e).__name__}: {first}); "
+                              "run without attribute.compile=true") from None
+        tried.add(J)
+        return out
+
+    return run
 
 
 def _grad_vjp_autograd(problem: Problem, state: TrainState, batch, w):

@@ -9,6 +9,8 @@ Columns (ratios to the experiment's own training seconds, per id where several i
   1 id, 16 ids, 64 ids           checkpoint=all
   replay 1 / replay 16            checkpoint=replay k=4
   binomial 1                      checkpoint=binomial at replay k=4's peak memory
+  16 compiled / 64 compiled       checkpoint=all with attribute.compile (compilation not counted)
+  compile s                       the longest compilation, once per group size (--no-compile: skip)
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ EXPERIMENTS = {  # name: (overrides, config dir)
 # Needing data or weights from the network: cifar10_small, cifar10_resnet9, gpt2_wikitext.
 
 
-def attribution_row(name: str, repeats: int, groups: bool) -> dict:
+def attribution_row(name: str, repeats: int, groups: bool, compile: bool) -> dict:
     overrides, config_dir = EXPERIMENTS[name]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "figures.json"
         cmd = [sys.executable, str(ROOT / "scripts" / "bench_attribute.py"), *overrides, "--repeats", str(repeats),
                "--json", str(out)] + (["--config-dir", str(config_dir)] if config_dir else []) + \
-              (["--groups"] if groups else [])
+              (["--groups"] if groups else []) + (["--compile"] if compile else [])
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=sys.stderr)  # its own printout, for the record
         return json.loads(out.read_text())
 
@@ -65,22 +67,28 @@ def main() -> None:
                         help=f"experiments to measure (default all: {', '.join(EXPERIMENTS)})")
     parser.add_argument("--subsets", type=int, default=96, help="ground-truth retrainings per measurement")
     parser.add_argument("--workers", type=int, default=2, help="ground-truth worker processes")
+    parser.add_argument("--no-compile", action="store_true", help="skip the attribute.compile columns")
     args = parser.parse_args()
 
     table = []
     for name in args.only:
-        f = attribution_row(name, args.repeats, groups=name == "digits_mlp")
-        by = {(r["strategy"], r["ids"] if r["ids"] <= 16 else "many"): r for r in f["rows"]}
-        ratio = lambda key: by[key]["seconds"] / by[key]["ids"] / f["train_s"]  # noqa: E731
+        f = attribution_row(name, args.repeats, groups=name == "digits_mlp", compile=not args.no_compile)
+        by = {(r["label"].split(" memory")[0], r["ids"] if r["ids"] <= 16 else "many"): r for r in f["rows"]}
+        ratio = lambda key: by[key]["seconds"] / by[key]["ids"] / f["train_s"] if key in by else float("nan")  # noqa: E731
         table.append((name, f["train_s"], ratio(("all", 1)), ratio(("all", 16)), ratio(("all", "many")),
-                      ratio(("replay", 1)), ratio(("replay", 16)), ratio(("binomial", 1)), f["peak_rss_mb"]))
+                      ratio(("replay k=4", 1)), ratio(("replay k=4", 16)), ratio(("binomial", 1)),
+                      ratio(("all, compiled", 16)), ratio(("all, compiled", "many")),
+                      max(f["compile_s"].values(), default=float("nan")), f["peak_rss_mb"]))
         print(f"measured {name}", file=sys.stderr, flush=True)
 
     print("\nattribution, x the experiment's training time (per id where several), checkpoint=all unless named:")
-    head = ("experiment", "train s", "1 id", "16 ids", "64 ids", "replay 1", "replay 16", "binomial 1", "peak MB")
-    print(f"{head[0]:<24}" + "".join(f"{h:>11}" for h in head[1:]))
+    print("(compiled: attribute.compile, not counting compilation, whose longest is the 'compile s' column)")
+    head = ("experiment", "train s", "1 id", "16 ids", "64 ids", "replay 1", "replay 16", "binomial 1",
+            "16 compiled", "64 compiled", "compile s", "peak MB")
+    print(f"{head[0]:<24}" + "".join(f"{h:>12}" for h in head[1:]))
     for row in table:
-        print(f"{row[0]:<24}{row[1]:>11.2f}" + "".join(f"{v:>11.3f}" for v in row[2:-1]) + f"{row[-1]:>11.0f}")
+        print(f"{row[0]:<24}{row[1]:>12.2f}" + "".join(f"{v:>12.3f}" for v in row[2:-2])
+              + f"{row[-2]:>12.1f}{row[-1]:>12.0f}")
 
     print(f"\nground truth on the default ({args.subsets} retrainings, {args.workers} workers):")
     for batch in (1, 16):

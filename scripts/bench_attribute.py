@@ -2,13 +2,15 @@
 shared and noisy, so each figure is the best of --repeats and only ratios measured together are
 compared). `make bench` runs it for every experiment (scripts/bench.py).
 
-    python scripts/bench_attribute.py [OVERRIDES...] [--config-dir DIR] [--repeats 3] [--groups]
+    python scripts/bench_attribute.py [OVERRIDES...] [--config-dir DIR] [--repeats 3] [--groups] [--compile]
 
 Prints train seconds; attribute seconds (checkpoint=all) for 1 id, 16 ids and --many ids;
 replay (k=4) for 1 and 16 ids; binomial at replay's peak memory for 1 id; each as a ratio to
 training (per id where several); peak states and recomputed steps; with --groups, --many ids in
-groups of 16 with one replay per group vs one replay shared by all. --json FILE also writes the
-figures (and the process's peak resident memory) as JSON.
+groups of 16 with one replay per group vs one replay shared by all; with --compile, 16 and --many
+ids with attribute.compile (torch.compile of the batched step; compiling is timed apart, once per
+group size, and not counted in the row). --json FILE also writes the figures (and the process's
+peak resident memory) as JSON.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="measure each figure this many times, keep the best")
     parser.add_argument("--many", type=int, default=64, help="test ids in the largest batched measurement")
     parser.add_argument("--groups", action="store_true", help="also: shared replay vs one replay per group of 16")
+    parser.add_argument("--compile", action="store_true", help="also: 16 and --many ids with attribute.compile")
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = parser.parse_args()
 
     from magic_cli.config import load
     from magic_cli.determinism import enable_determinism
-    from magic_cli.metagrad import reverse_pass
+    from magic_cli.metagrad import compiled_vjp, reverse_pass, reverse_step
     from magic_cli.replay import ReverseStates, root_boundaries
     from magic_cli.train import Problem
 
@@ -58,12 +61,13 @@ def main() -> None:
     n_test = problem.dataset.x_test.shape[0]
     ids = lambda n: list(range(min(n, n_test)))  # noqa: E731
 
-    def attribute(strategy, param, groups):
+    def attribute(strategy, param, groups, batched_vjp=None):
         stored = {t: s for t, s in kept.items() if t in keep[(strategy, param)]}
 
         def once():
             start = time.perf_counter()
-            _, stats = reverse_pass(problem, final, stored, strategy, param, groups, config.attribute.output)
+            _, stats = reverse_pass(problem, final, stored, strategy, param, groups, config.attribute.output,
+                                    batched_vjp=batched_vjp)
             return time.perf_counter() - start, stats.peak_states, stats.forward_steps
 
         return best_of(args.repeats, once)
@@ -74,8 +78,20 @@ def main() -> None:
                                       (f"binomial memory={memory}", "binomial", memory, 1)]:
         group = ids(n)
         rows.append((label, strategy, len(group), *attribute(strategy, param, [group])))
+    compile_s = {}
+    if args.compile:
+        from magic_cli.metagrad import output_cotangents
+
+        batched_vjp = compiled_vjp(problem)
+        for n in (16, args.many):
+            group = ids(n)
+            start = time.perf_counter()  # the first call compiles for this group size
+            reverse_step(problem, final, 0, output_cotangents(problem, final, group, config.attribute.output),
+                         need_next=False, batched_vjp=batched_vjp)
+            compile_s[len(group)] = time.perf_counter() - start
+            rows.append(("all, compiled", "all", len(group), *attribute("all", 0, [group], batched_vjp)))
     figures = {"experiment": config.name, "steps": T, "n_train": problem.dataset.n_train, "threads": config.threads,
-               "train_s": train_s, "memory": memory,
+               "train_s": train_s, "memory": memory, "compile_s": compile_s,
                "rows": [dict(zip(("label", "strategy", "ids", "seconds", "peak_states", "recomputed"), r))
                         for r in rows]}
 
@@ -85,6 +101,8 @@ def main() -> None:
     print(f"{'checkpoint':<24}{'ids':>5}{'seconds':>10}{'x train/id':>12}{'peak states':>13}{'recomputed':>12}")
     for label, _, n, s, peak, fwd in rows:
         print(f"{label:<24}{n:>5}{s:>10.3f}{s / n / train_s:>12.3f}{peak:>13}{fwd:>12}")
+    for n, seconds in compile_s.items():
+        print(f"{f'compiling for {n} ids (once per group size)':<52}{seconds:8.1f}")
     one_replay, one_binomial = rows[3], rows[5]
     print(f"{'binomial / replay recomputed steps at equal memory':<52}{one_binomial[5] / one_replay[5]:8.3f}")
 
