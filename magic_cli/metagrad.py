@@ -200,7 +200,9 @@ def compiled_vjp(problem: Problem):
         try:
             out = compiled(params, buffers, x, y, w, cotangents)
         except Exception as e:  # any compiler failure (no C++ compiler, an op inductor cannot lower...)
-            first = (str(e).strip().splitlines() or [""])[0][:200]
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+            first = lines[1] if lines[0].endswith("raised:") and len(lines) > 1 else lines[0]  # the backend's own
+            first = first[:200]
             raise ConfigError(f"attribute.compile: torch.compile failed on this model ({type(e).__name__}: {first}); "
                               "run without attribute.compile=true") from None
         tried.add(J)

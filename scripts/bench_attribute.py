@@ -80,14 +80,19 @@ def main() -> None:
         rows.append((label, strategy, len(group), *attribute(strategy, param, [group])))
     compile_s = {}
     if args.compile:
+        from magic_cli.errors import ConfigError
         from magic_cli.metagrad import output_cotangents
 
         batched_vjp = compiled_vjp(problem)
         for n in (16, args.many):
             group = ids(n)
             start = time.perf_counter()  # the first call compiles for this group size
-            reverse_step(problem, final, 0, output_cotangents(problem, final, group, config.attribute.output),
-                         need_next=False, batched_vjp=batched_vjp)
+            try:
+                reverse_step(problem, final, 0, output_cotangents(problem, final, group, config.attribute.output),
+                             need_next=False, batched_vjp=batched_vjp)
+            except ConfigError as e:  # a model that does not compile: no compiled rows
+                print(f"no compiled rows: {e}")
+                break
             compile_s[len(group)] = time.perf_counter() - start
             rows.append(("all, compiled", "all", len(group), *attribute("all", 0, [group], batched_vjp)))
     figures = {"experiment": config.name, "steps": T, "n_train": problem.dataset.n_train, "threads": config.threads,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import TINY
 from test_faults import one_line_error
 
@@ -30,18 +31,23 @@ def test_compiled_scores_are_exact_bit_identical_across_strategies_and_kept_apar
     one_line_error(code, err, "holds scores computed with other settings")  # never mixed with eager bits
 
 
-def test_a_compiler_failure_is_one_line(cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize("message, shown", [
+    ("InductorError: C++ compile error\nmore lines", "InductorError: C++ compile error"),
+    ("backend='inductor' raised:\nNotImplementedError: Cannot access storage of TensorWrapper\n\nSet TORCH...",
+     "NotImplementedError: Cannot access storage of TensorWrapper"),  # what the nn.Module adapter gets
+])
+def test_a_compiler_failure_is_one_line(cli, tmp_path, monkeypatch, message, shown):
     import torch
 
     def broken(fn, **options):
         def run(*args):
-            raise RuntimeError("InductorError: C++ compile error\nmore lines")
+            raise RuntimeError(message)
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
     code, _, err = cli("train", *TINY, f"out_dir={tmp_path}")
     assert code == 0, err
     code, _, err = cli("attribute", "--test-ids", "0:4", *TINY, f"out_dir={tmp_path}", "attribute.compile=true")
-    one_line_error(code, err, "attribute.compile: torch.compile failed on this model (RuntimeError: InductorError: "
-                   "C++ compile error)", "run without attribute.compile=true")
+    one_line_error(code, err, f"attribute.compile: torch.compile failed on this model (RuntimeError: {shown})",
+                   "run without attribute.compile=true")
     assert not (tmp_path / "attribute" / "magic" / "scores.npy").exists()
