@@ -53,11 +53,12 @@ def settings_of(config) -> dict:
     import dataclasses
 
     method = config.attribute.method
-    options = {"trak": config.attribute.trak, "ekfac": config.attribute.ekfac}.get(method)
-    if method == "magic" and config.attribute.compile:  # other bits than the eager step: never mixed
-        options = {"compile": True}
-    return {"method": method, "output": config.attribute.output,
-            "options": options if isinstance(options, dict) else dataclasses.asdict(options) if options else {}}
+    if method == "magic":  # compiled scores have other last bits than eager ones: never mixed
+        options = {"compile": True} if config.attribute.compile else {}
+    else:
+        chosen = {"trak": config.attribute.trak, "ekfac": config.attribute.ekfac}.get(method)
+        options = dataclasses.asdict(chosen) if chosen else {}
+    return {"method": method, "output": config.attribute.output, "options": options}
 
 
 def identity(config, record: dict) -> dict:

@@ -319,6 +319,11 @@ def checkpoint_param(config: Config, template: TrainState | None = None) -> int:
     return states
 
 
+def config_checkpoint_tag(config: Config, template: TrainState | None = None) -> str:
+    """checkpoint_tag of config.checkpoint, its memory in bytes resolved (checkpoint_param)."""
+    return checkpoint_tag(config.checkpoint.name, checkpoint_param(config, template))
+
+
 def checkpoint_names(tag: str, total_steps: int) -> list[str]:
     """The files of a strategy's stored states, relative to train/: one per root boundary."""
     from magic_cli.replay import root_boundaries
@@ -366,8 +371,8 @@ def load_final_and_stored(problem: Problem, run, record: dict) -> tuple[TrainSta
     verify(run.final_state, expect, REPAIR)
     template = problem.init_state()  # the shape of a state (also s_0)
     final = load_state(run.final_state, template, problem.device)
-    ck, T = problem.config.checkpoint, problem.total_steps
-    tag = checkpoint_tag(ck.name, checkpoint_param(problem.config, template))
+    T = problem.total_steps
+    tag = config_checkpoint_tag(problem.config, template)
     if tag != record["checkpoint_tag"] and not all((run.train_dir / n).exists() for n in checkpoint_names(tag, T)):
         derive_checkpoints(problem, run, record, final, template)
     return final, load_checkpoints(run, tag, T, template, problem.device, expect)
@@ -383,7 +388,7 @@ def derive_checkpoints(problem: Problem, run, record: dict, final: TrainState, t
     ck, T = problem.config.checkpoint, problem.total_steps
     source = record["checkpoint_tag"]
     stored = load_checkpoints(run, source, T, template, problem.device, expect)
-    tag = checkpoint_tag(ck.name, checkpoint_param(problem.config, template))
+    tag = config_checkpoint_tag(problem.config, template)
     wanted = {_step_of(n): run.train_dir / n for n in checkpoint_names(tag, T) if not (run.train_dir / n).exists()}
     staged = Staged()
 
@@ -446,9 +451,9 @@ def _train_stage(config, run, overrides, overwrite, progress_factory) -> dict:
         elif record is not None and record["fingerprint"] != fingerprint:
             raise StageError(f"{run.root} holds a run trained with a different config; choose another name=/out_dir= "
                              "or pass --overwrite (which deletes its attributions and ground truth)")
-        tag = checkpoint_tag(config.checkpoint.name, checkpoint_param(config))
+        # (the strategy's tag only for a finished run: with checkpoint.memory in bytes it builds the problem)
         names = sorted({*(record["files"] if record else []), run.final_state.name,
-                        *(checkpoint_names(tag, record["steps"]) if record else []),
+                        *(checkpoint_names(config_checkpoint_tag(config), record["steps"]) if record else []),
                         *(run.train_outputs(o).name for o in OUTPUT_FUNCTIONS)})
         expect = {"fingerprint": fingerprint}
         states = {name: status(run.train_dir / name, expect) for name in names}
@@ -486,7 +491,7 @@ def _train_and_write(config, run, overrides, record, names, states, progress_fac
     problem = Problem.build(config)
     T, fingerprint = problem.total_steps, config.fingerprint()
     expect = {"fingerprint": fingerprint}
-    tag = checkpoint_tag(config.checkpoint.name, checkpoint_param(config, problem.init_state()))
+    tag = config_checkpoint_tag(config, problem.init_state())
     names = sorted(set(names) | set(checkpoint_names(tag, T)))
     states = {n: states[n] if n in states else file_status(run.train_dir / n, expect) for n in names}
 
