@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from magic_cli.config import Config
 from magic_cli.errors import ConfigError
+from magic_cli.readers import read_npy, read_numbers
 
 
 def assemble(config: Config):
@@ -49,13 +50,9 @@ def load_order(path: str, n_train: int, batch_size: int):
     used instead of the seeded permutation. B must be train.batch_size; ids in [0, N)."""
     import numpy as np
 
-    try:
-        order = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"train.order_file: {path} is not a readable .npy file ({e})") from None
-    if not isinstance(order, np.ndarray) or order.ndim != 2 or order.shape[0] < 1:
-        raise ConfigError(f"train.order_file: {path} must hold an array (steps, batch), got shape "
-                          f"{getattr(order, 'shape', 'an .npz archive')}")
+    order = read_npy(path, "train.order_file")
+    if order.ndim != 2 or order.shape[0] < 1:
+        raise ConfigError(f"train.order_file: {path} must hold an array (steps, batch), got shape {order.shape}")
     if order.dtype.kind not in "iu":
         raise ConfigError(f"train.order_file: {path} must hold integer example ids, got {order.dtype}")
     if order.shape[1] != batch_size:
@@ -67,17 +64,17 @@ def load_order(path: str, n_train: int, batch_size: int):
 
 
 def load_data_weights(path: str, n_train: int):
-    """train.data_weights: a .npy of n_train finite, non-negative numbers -> float64 (N,)."""
+    """train.data_weights: n_train finite, non-negative numbers, not all zero -> float64 (N,), from
+    an .npy or a text file with one number a line."""
     import numpy as np
 
-    try:
-        w = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"train.data_weights: {path} is not a readable .npy file ({e})") from None
-    if not isinstance(w, np.ndarray) or w.shape != (n_train,) or w.dtype.kind not in "biuf":
-        raise ConfigError(f"train.data_weights must be a .npy of {n_train} weights, got "
-                          f"{getattr(w, 'shape', 'an .npz archive')}")
+    w = read_numbers(path, "train.data_weights")
+    if w.shape != (n_train,) or w.dtype.kind not in "biuf":
+        raise ConfigError(f"train.data_weights: {path} must hold {n_train} weights (one per training example), "
+                          f"got {w.dtype} {w.shape}")
     w = w.astype(np.float64)
     if not np.isfinite(w).all() or (w < 0).any():
         raise ConfigError(f"train.data_weights: {path} holds NaN, Inf or negative weights")
+    if not w.any():
+        raise ConfigError(f"train.data_weights: every weight in {path} is 0: nothing would be trained on")
     return w

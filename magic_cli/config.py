@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from magic_cli.errors import ConfigError
+from magic_cli.readers import expand_path, read_text
 
 CONF_PACKAGE = "magic_cli.conf"
 DTYPES = ("float32", "float64")
@@ -98,7 +99,7 @@ class TrainConfig:
     epochs: int  # passes over the training split
     batch_size: int  # nominal batch size B (the last partial batch of an epoch is dropped)
     loss_reduction: str = "mean"  # mean | sum | token_mean (train.make_grad_fn)
-    data_weights: str | None = None  # path to a .npy of N weights; None = all ones
+    data_weights: str | None = None  # path to a .npy (or a text file, one a line) of N weights; None = all ones
     order_file: str | None = None  # path to a .npy (T, B) of example ids per step; None = seeded epochs
 
     def __post_init__(self):
@@ -432,6 +433,51 @@ def conf_dir() -> Path:
     return Path(str(importlib.resources.files(CONF_PACKAGE)))
 
 
+# Path values (dotted keys; `plugins` is a list of them): `~` is expanded in each, here and only here.
+PATH_KEYS = ("out_dir", "plugins", "dataset.path", "dataset.train_path", "dataset.test_path", "dataset.tokenizer",
+             "dataset.cache_dir", "model.path", "model.init_from", "train.data_weights", "train.order_file",
+             "launcher.folder")
+# Groups whose keys come from the chosen builder's signature (the model's or dataset's own options),
+# not from the group's YAML: an override may set any of them (checked against the builder later).
+OPEN_GROUPS = ("model", "dataset")
+
+
+def prepare_overrides(overrides) -> list[str]:
+    """The user's overrides as Hydra should read them: `~` expanded at the start of a value (or of
+    a list element) as a shell would; a key of an open group added if the YAML lacks it (`++`),
+    so that `model.init_from=...` works for every module model; Hydra's own settings refused."""
+    out = []
+    for override in overrides:
+        key, eq, value = str(override).partition("=")
+        bare = key.lstrip("+~")
+        if bare == "hydra" or bare.startswith("hydra."):
+            raise ConfigError(f"{bare}: magic does not use Hydra's own settings (hydra.*); out_dir is where magic "
+                              "writes (e.g. out_dir=runs/mine)")
+        if eq:
+            value = re.sub(r"(^|[\[,]\s*)~(?=/|$|[,\]])", lambda m: m.group(1) + expand_path("~"), value)
+            if key == bare and "." in bare and bare.split(".")[0] in OPEN_GROUPS:
+                key = "++" + bare
+        out.append(key + eq + value)
+    return out
+
+
+def expand_paths(raw: dict) -> dict:
+    """A config tree with `~` expanded in every path value (PATH_KEYS)."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for dotted in PATH_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or node.get(leaf) is None:
+            continue
+        value = node[leaf]
+        node[leaf] = [expand_path(v) for v in value] if isinstance(value, list) else expand_path(value)
+    return raw
+
+
 def compose(overrides: list[str] | tuple = (), config_dir: str | None = None):
     """Compose conf/ (+ a user's config folder) with Hydra overrides; returns a DictConfig.
 
@@ -449,7 +495,7 @@ def compose(overrides: list[str] | tuple = (), config_dir: str | None = None):
     from omegaconf.errors import OmegaConfBaseException
     from yaml import YAMLError
 
-    overrides = list(overrides)
+    overrides = prepare_overrides(overrides)
     with tempfile.TemporaryDirectory(prefix="magic-conf-") as tmp:
         origin = _overlay(Path(tmp), conf_dir(), Path(config_dir) if config_dir is not None else None)
         GlobalHydra.instance().clear()
@@ -508,21 +554,28 @@ def _one_line_hydra_error(e: Exception, overrides: list[str]) -> str:
     if m:
         key = m.group(1)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        return f"unknown key {key}; valid keys{' under ' + parent if parent else ''}: {_valid_keys(parent)}"
+        return (f"unknown key {key}; valid keys{' under ' + parent if parent else ''}: "
+                f"{_valid_keys(parent, [o for o in overrides if '.' not in o.split('=')[0]])}")
     return text
 
 
-def _valid_keys(parent: str) -> str:
-    """The keys of `parent` (dotted) in the default config, for error messages."""
+def _valid_keys(parent: str, choices: list[str]) -> str:
+    """The keys of `parent` (dotted) in the config of the chosen options (e.g. experiment=X,
+    optimizer=sgd), for error messages."""
     from omegaconf import OmegaConf
 
     try:
-        node = compose([])
-        for part in [p for p in parent.split(".") if p]:
-            node = node[part]
-        return ", ".join(str(k) for k in OmegaConf.to_container(node).keys())
-    except Exception:  # the message is still useful without the list
+        node = OmegaConf.to_container(compose(choices))
+    except ConfigError:  # the message is still useful without the list
         return "(see `magic config show`)"
+    path = ""
+    for part in [p for p in parent.split(".") if p]:
+        if not isinstance(node.get(part), dict):
+            keys = ", ".join(f"{path}{k}" for k, v in node.items() if isinstance(v, dict))
+            where = f" under {path.rstrip('.')}" if path else ""
+            return f"(none: there is no group {path}{part}; groups{where}: {keys})"
+        node, path = node[part], f"{path}{part}."
+    return ", ".join(str(k) for k in node)
 
 
 def load(overrides: list[str] | tuple = (), config_dir: str | None = None) -> Config:
@@ -541,6 +594,7 @@ def load(overrides: list[str] | tuple = (), config_dir: str | None = None) -> Co
 def from_dict(raw: dict) -> Config:
     """Validate a resolved config tree (as saved in a run's config.yaml)."""
     _check(isinstance(raw, dict), "config must be a mapping")
+    raw = expand_paths(raw)
     if raw.get("plugins"):  # before validation: plugins add names to the model and dataset registries
         from magic_cli.plugins import load_plugins
 
@@ -585,7 +639,7 @@ def parse_test_ids(spec: str, n_test: int) -> list[int]:
     if spec.startswith("@"):
         path = Path(spec[1:])
         _check(path.is_file(), f"--test-ids: no such file {spec[1:]!r}")
-        parts = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+        parts = [line.split("#")[0].strip() for line in read_text(path, "--test-ids").splitlines()]
         tokens = [p for p in parts if p]
     else:
         tokens = [t.strip() for t in spec.split(",") if t.strip()]

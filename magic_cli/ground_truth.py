@@ -211,6 +211,8 @@ class Plan:
 
 
 def _plan(config, run, record, index, count) -> Plan:
+    import numpy as np
+
     from magic_cli.run_dir import load_json, sidecar
 
     gt, fingerprint = config.ground_truth, record["fingerprint"]
@@ -221,6 +223,16 @@ def _plan(config, run, record, index, count) -> Plan:
     G = gt.batch
     m_all = -(-gt.num_subsets // G) * G  # whole blocks: the last one runs past num_subsets
     masks = {p: make_masks(n_train, p, m_all, gt.seed) for p in gt.drop_fractions}
+    if config.train.data_weights is not None:  # a subset must keep some weight: else nothing is trained on
+        from magic_cli.assemble import load_data_weights
+
+        kept = load_data_weights(config.train.data_weights, n_train) > 0
+        for p in gt.drop_fractions:
+            empty = np.flatnonzero(~(masks[p][:gt.num_subsets] & kept).any(axis=1))
+            if len(empty):
+                raise ConfigError(f"ground truth: subset {empty[0]} of drop {p:g} drops every example of nonzero "
+                                  "weight (train.data_weights): nothing would be trained on; lower "
+                                  "ground_truth.drop_fractions")
     identities = {(p, k): subset_identity(fingerprint, gt.seed, p, k, masks[p][k], G)
                   for p in gt.drop_fractions for k in range(m_all)}
     states = {key: status(run.subset(*key), ident) for key, ident in identities.items()}

@@ -100,6 +100,9 @@ def _import(spec: str, path: Path, is_file: bool, digest: str) -> None:
             importlib.import_module(spec)
     except ConfigError:
         raise
+    except SystemExit as e:  # sys.exit() in the plugin's top level: not a reason for magic to exit silently
+        raise ConfigError(f"plugins: {spec} called sys.exit({e.code!r}) while being imported; a plugin must only "
+                          "define and register its models and datasets") from None
     except Exception as e:  # the user's code failed: one line naming the plugin
         where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
         tb = e.__traceback__

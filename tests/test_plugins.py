@@ -174,7 +174,7 @@ def _bad(tmp_path, source: str) -> Path:
     ("signature", "must be def f(input_shape, n_classes, *, option=default"),
     ("builtin", "'mlp' is built in"),
     ("module_name", "plugins: no module 'no_such_module_xyz'"),
-    ("not_a_model", "its builder returned int, which has no init/apply"),
+    ("not_a_model", "returned int, which has no init/apply"),
 ])
 def test_a_bad_plugin_is_one_line(cli, tmp_path, case, fragment):
     sources = {

@@ -168,7 +168,7 @@ def test_data_weights_file_is_used(cli, tmp_path):
     assert a["outputs_loss.npy"] != b["outputs_loss.npy"]
     np.save(tmp_path / "bad.npy", np.ones(3))
     code, _, err = cli("train", *TINY, f"out_dir={tmp_path / 'c'}", f"train.data_weights={tmp_path / 'bad.npy'}")
-    assert code == 2 and "train.data_weights must be a .npy of" in err
+    assert code == 2 and "must hold 142 weights (one per training example)" in err
     assert not (tmp_path / "c" / "train" / "fingerprint.json").exists()
 
 

@@ -62,12 +62,60 @@ DATASETS: dict[str, "DatasetBuilder"] = {
 
 
 def load_dataset(options: dict, seed: int, dtype) -> Dataset:
-    """Build the dataset named by options['name'] and cast its features to `dtype`."""
+    """Build the dataset named by options['name'], check what its builder returned, and cast its
+    features to `dtype`."""
     opts = {k: v for k, v in options.items() if k != "name"}
-    ds = DATASETS[options["name"]](seed, **opts)
+    builder = DATASETS[options["name"]]
+    ds = builder(seed, **opts)
+    check_dataset(ds, options["name"], builder)
     if ds.x_train.is_floating_point():
         ds.x_train, ds.x_test = ds.x_train.to(dtype), ds.x_test.to(dtype)
     return ds
+
+
+def _factory_name(name: str, builder) -> str:
+    """'dataset=NAME (FUNCTION in FILE)': where a builder's result came from, for messages."""
+    import inspect
+
+    try:
+        where = f" in {inspect.getsourcefile(builder)}"
+    except TypeError:
+        where = ""
+    return f"dataset={name} ({getattr(builder, '__name__', 'builder')}{where})"
+
+
+def check_dataset(ds, name: str, builder) -> None:
+    """A dataset builder's result at the boundary: a Dataset of four tensors whose shapes, dtypes
+    and labels agree; one line naming the dataset and its factory otherwise."""
+    import torch
+
+    who = _factory_name(name, builder)
+    if not isinstance(ds, Dataset):
+        raise ConfigError(f"{who} returned {type(ds).__name__}; a dataset builder must return "
+                          "magic_cli.data.Dataset(name, x_train, y_train, x_test, y_test, n_classes)")
+    for key in ("x_train", "y_train", "x_test", "y_test"):
+        if not isinstance(getattr(ds, key), torch.Tensor):
+            raise ConfigError(f"{who}: Dataset.{key} is {type(getattr(ds, key)).__name__}, not a torch.Tensor")
+    if not isinstance(ds.n_classes, int) or isinstance(ds.n_classes, bool) or ds.n_classes < 1:
+        raise ConfigError(f"{who}: Dataset.n_classes must be an integer >= 1, got {ds.n_classes!r}")
+    for split in ("train", "test"):
+        x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
+        if x.dim() < 2 or x.shape[0] < 1 or y.shape[:1] != x.shape[:1]:
+            raise ConfigError(f"{who}: x_{split} {tuple(x.shape)} and y_{split} {tuple(y.shape)} must hold the same "
+                              "number (>= 1) of examples, x as (N, ...)")
+        if y.dtype != torch.long:
+            raise ConfigError(f"{who}: y_{split} must be class ids of dtype torch.long, got {y.dtype}")
+        if not (x.is_floating_point() or x.dtype == torch.long):
+            raise ConfigError(f"{who}: x_{split} must be floating point (features, images) or torch.long (token "
+                              f"ids), got {x.dtype}")
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise ConfigError(f"{who}: x_{split} holds NaN or Inf")
+        labels = y[y != -100] if y.dim() > 1 else y  # sequences: -100 marks an unsupervised token
+        if labels.numel() and (labels.min() < 0 or labels.max() >= ds.n_classes):
+            raise ConfigError(f"{who}: y_{split} holds labels outside 0..{ds.n_classes - 1} (n_classes)")
+    if ds.x_train.shape[1:] != ds.x_test.shape[1:] or ds.x_train.dtype != ds.x_test.dtype:
+        raise ConfigError(f"{who}: x_train {tuple(ds.x_train.shape[1:])} {ds.x_train.dtype} and x_test "
+                          f"{tuple(ds.x_test.shape[1:])} {ds.x_test.dtype} differ in example shape or dtype")
 
 
 def batch_schedule(n_train: int, batch_size: int, epochs: int, seed: int):

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from magic_cli.errors import ConfigError
+from magic_cli.readers import read_arrays, read_image, read_jsonl, read_npz, read_table, read_text
 
 # --- common ----------------------------------------------------------------------------------------
 
@@ -55,6 +56,8 @@ def _labels(y, where: str, n_classes):
     y = np.asarray(y)
     if y.ndim != 1 or y.dtype.kind not in "iu":
         raise ConfigError(f"{where}: labels must be integers of shape (N,), got {y.dtype} {y.shape}")
+    if len(y) == 0:
+        raise ConfigError(f"{where}: no examples")
     if y.min() < 0 or (n_classes is not None and y.max() >= n_classes):
         raise ConfigError(f"{where}: labels must be in 0..{(n_classes or 0) - 1 if n_classes else 'C-1'}, "
                           f"got {y.min()}..{y.max()}")
@@ -106,17 +109,12 @@ def _classification(name, parts, seed, test_fraction, n_classes, standardize):
 def arrays(seed: int, *, path: str = None, train_path: str = None, test_path: str = None, test_fraction: float = 0.2,
            n_classes: int = None, standardize: bool = True):
     """An .npz with x (N, F) or (N, C, H, W) features and y (N,) integer labels."""
-    import numpy as np
-
     parts = []
     for p in _paths(path, train_path, test_path):
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                if not hasattr(z, "files") or not {"x", "y"} <= set(z.files):
-                    raise ConfigError(f"dataset: {p} must be an .npz with arrays x and y")
-                x, y = _features(z["x"], p), _labels(z["y"], p, n_classes)
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"dataset: {p} is not a readable .npz ({' '.join(str(e).split())[:120]})") from None
+        z = read_npz(p, "dataset")
+        if not {"x", "y"} <= set(z):
+            raise ConfigError(f"dataset: {p} must be an .npz with arrays x and y, has {', '.join(z) or 'none'}")
+        x, y = _features(z["x"], p), _labels(z["y"], p, n_classes)
         if len(x) != len(y):
             raise ConfigError(f"dataset: {p} has {len(x)} feature rows but {len(y)} labels")
         parts.append((x, y))
@@ -130,15 +128,11 @@ def table(seed: int, *, path: str = None, train_path: str = None, test_path: str
     import numpy as np
     import pandas as pd
 
-    paths, frames = _paths(path, train_path, test_path), []
-    for p in paths:
-        try:
-            frames.append(pd.read_parquet(p) if str(p).endswith(".parquet") else pd.read_csv(p))
-        except ImportError as e:
-            raise ConfigError(f"dataset: reading {p} needs {e.name or 'pyarrow'}: pip install pyarrow") from None
-        except (ValueError, OSError, pd.errors.ParserError) as e:
-            raise ConfigError(f"dataset: {p} is not a readable table ({' '.join(str(e).split())[:120]})") from None
+    paths = _paths(path, train_path, test_path)
+    frames = [read_table(p, "dataset") for p in paths]
     for p, frame in zip(paths, frames):
+        if len(frame) == 0:
+            raise ConfigError(f"dataset: {p} has no rows (only a header: {', '.join(map(str, frame.columns[:8]))})")
         if label not in frame.columns:
             raise ConfigError(f"dataset: {p} has no column {label!r} (dataset.label); columns: "
                               f"{', '.join(map(str, frame.columns[:8]))}")
@@ -163,7 +157,7 @@ def _decode_folder(root: Path, cache_dir: str):
     cache_dir/<content digest>.npz (arrays only, loaded without pickle)."""
     import numpy as np
 
-    from magic_cli.run_dir import load_npz, npz_bytes, save_bytes, sha256_tree
+    from magic_cli.run_dir import npz_bytes, save_bytes, sha256_tree
 
     cache = Path(cache_dir).expanduser() / f"image_folder_{sha256_tree(root)}.npz"
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
@@ -171,18 +165,15 @@ def _decode_folder(root: Path, cache_dir: str):
         raise ConfigError(f"dataset: {root} must hold one folder per class (ImageFolder layout), found "
                           f"{len(classes)}")
     if cache.is_file():
-        z = load_npz(cache)
-        return z["x"], z["y"], classes
-    from PIL import Image, UnidentifiedImageError
-
+        try:  # a damaged cache is decoded again (its name is the images' digest, so it is never stale)
+            z = read_npz(cache, "dataset.cache_dir")
+            return z["x"], z["y"], classes
+        except (ConfigError, KeyError):
+            pass
     xs, ys, size = [], [], None
     for label, name in enumerate(classes):
         for f in sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            try:
-                with Image.open(f) as im:
-                    a = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
-            except (UnidentifiedImageError, OSError) as e:
-                raise ConfigError(f"dataset: {f} is not a readable image ({e})") from None
+            a = read_image(f, "dataset")
             if size is None:
                 size = a.shape
             elif a.shape != size:
@@ -218,41 +209,55 @@ def image_folder(seed: int, *, path: str = None, train_path: str = None, test_pa
     return ds
 
 
+TOKEN_ID_LIMIT = 2 ** 63  # token ids are int64
+VOCAB_LIMIT = 2 ** 24  # larger than any tokenizer's vocabulary: an id beyond it is a damaged file
+
+
+def _check_token_list(values, where: str, key: str, lowest_negative: int) -> None:
+    """A JSON list of token ids: integers in [0, 2**63), or `lowest_negative` (labels: -100)."""
+    if not isinstance(values, list):
+        raise ConfigError(f"{where}: {key} must be a list of integers, got {type(values).__name__}")
+    for v in values:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(f"{where}: {key} must be a list of integers, holds {json_value(v)}")
+        if not (0 <= v < TOKEN_ID_LIMIT or v == lowest_negative):
+            allowed = f" (or {lowest_negative}: not supervised)" if lowest_negative < 0 else ""
+            raise ConfigError(f"{where}: {key} holds {v}, outside 0..2**63-1{allowed}")
+
+
+def json_value(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _token_rows(p: str):
     """(input_ids, labels), int64 (N, L): rows of several lengths are right-padded to the longest,
     with input id 0 and label IGNORE there. labels are the input ids unless the file gives them
     (IGNORE, -100, marks a token that is not supervised, e.g. a prompt)."""
-    import json
-
     import numpy as np
 
     from magic_cli.train import IGNORE
 
     if p.endswith(".jsonl"):
         ids_rows, label_rows = [], []
-        with open(p) as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    ids = row["input_ids"]
-                except (ValueError, KeyError, TypeError):
-                    raise ConfigError(f"dataset: {p}:{line_no} is not a JSON object with input_ids") from None
-                labels = row.get("labels", ids)
-                if not all(isinstance(v, list) and all(isinstance(i, int) for i in v) for v in (ids, labels)):
-                    raise ConfigError(f"dataset: {p}:{line_no}: input_ids and labels must be lists of integers")
-                if len(labels) != len(ids):
-                    raise ConfigError(f"dataset: {p}:{line_no} has {len(labels)} labels for {len(ids)} input_ids")
-                if "attention_mask" in row:  # right padding only: the kept tokens come first
-                    mask = row["attention_mask"]
-                    n = sum(mask) if isinstance(mask, list) else -1
-                    if len(mask) != len(ids) or mask != [1] * n + [0] * (len(ids) - n):
-                        raise ConfigError(f"dataset: {p}:{line_no}: attention_mask must be 1s then 0s (right "
-                                          "padding) of the length of input_ids")
-                    ids, labels = ids[:n], labels[:n]
-                ids_rows.append(ids)
-                label_rows.append(labels)
+        for line_no, row in read_jsonl(p, "dataset"):
+            where = f"dataset: {p}:{line_no}"
+            if not isinstance(row, dict) or "input_ids" not in row:
+                raise ConfigError(f"{where} is not a JSON object with input_ids")
+            ids, labels = row["input_ids"], row.get("labels", row["input_ids"])
+            _check_token_list(ids, where, "input_ids", 0)
+            _check_token_list(labels, where, "labels", IGNORE)
+            if len(labels) != len(ids):
+                raise ConfigError(f"{where} has {len(labels)} labels for {len(ids)} input_ids")
+            if "attention_mask" in row:  # right padding only: the kept tokens come first
+                mask = row["attention_mask"]
+                n = sum(mask) if isinstance(mask, list) and all(m in (0, 1) for m in mask) else -1
+                if n < 0 or len(mask) != len(ids) or mask != [1] * n + [0] * (len(ids) - n):
+                    raise ConfigError(f"{where}: attention_mask must be 1s then 0s (right padding) of the length "
+                                      "of input_ids")
+                ids, labels = ids[:n], labels[:n]
+            ids_rows.append(ids)
+            label_rows.append(labels)
         if not ids_rows:
             raise ConfigError(f"dataset: {p} has no rows")
         width = max(len(r) for r in ids_rows)
@@ -261,26 +266,26 @@ def _token_rows(p: str):
         for i, (r, lab) in enumerate(zip(ids_rows, label_rows)):
             ids[i, :len(r)], labels[i, :len(lab)] = r, lab
     else:
-        try:
-            data = np.load(p, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"dataset: {p} is not a readable .npy/.npz ({' '.join(str(e).split())[:120]})") from None
+        data = read_arrays(p, "dataset")
         if isinstance(data, np.ndarray):
             ids = labels = data
         else:
-            if "input_ids" not in data.files:
+            if "input_ids" not in data:
                 raise ConfigError(f"dataset: {p} must hold an array input_ids (and optionally labels), has "
-                                  f"{', '.join(data.files) or 'none'}")
+                                  f"{', '.join(data) or 'none'}")
             ids = data["input_ids"]
-            labels = data["labels"] if "labels" in data.files else ids
+            labels = data.get("labels", ids)
             if labels.shape != ids.shape:
                 raise ConfigError(f"dataset: {p}: labels {labels.shape} and input_ids {ids.shape} differ in shape")
     if not isinstance(ids, np.ndarray) or ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] < 2 or \
-            labels.dtype.kind not in "iu":
-        raise ConfigError(f"dataset: {p} must hold integer token ids (N, L >= 2), got "
+            ids.shape[0] < 1 or labels.dtype.kind not in "iu":
+        raise ConfigError(f"dataset: {p} must hold integer token ids (N >= 1, L >= 2), got "
                           f"{getattr(ids, 'dtype', '?')} {getattr(ids, 'shape', '')}")
     if ids.min() < 0:
         raise ConfigError(f"dataset: {p} has negative token ids")
+    if max(int(ids.max()), int(labels.max())) >= VOCAB_LIMIT:
+        raise ConfigError(f"dataset: {p} has token id {max(int(ids.max()), int(labels.max()))}: beyond any "
+                          f"vocabulary (< {VOCAB_LIMIT})")
     if ((labels < 0) & (labels != IGNORE)).any():
         raise ConfigError(f"dataset: {p} has negative labels other than {IGNORE} (not supervised)")
     return ids.astype(np.int64), labels.astype(np.int64)
@@ -342,10 +347,7 @@ def text_file(seed: int, *, path: str = None, train_path: str = None, test_path:
         encode, vocab, unit = (lambda text: tok(text)["input_ids"]), len(tok), "tokens"
     parts = []
     for p in _paths(path, train_path, test_path):
-        try:
-            text = Path(p).read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError) as e:
-            raise ConfigError(f"dataset: {p} is not a UTF-8 text file ({e})") from None
+        text = read_text(p, "dataset")
         ids = np.array(encode(text), dtype=np.int64)
         n = len(ids) // (context + 1)
         if n < 2:

@@ -55,6 +55,13 @@ def build_model(options: dict, dataset):
     opts = {k: v for k, v in options.items() if k != "name"}
     model = MODELS[name](dataset.input_shape, dataset.n_classes, **opts)
     if not isinstance(model, Model):
-        raise ConfigError(f"model={name}: its builder returned {type(model).__name__}, which has no init/apply "
-                          "(see magic_cli.contracts.Model)")
+        import inspect
+
+        try:
+            where = f" in {inspect.getsourcefile(MODELS[name])}"
+        except TypeError:
+            where = ""
+        raise ConfigError(f"model={name} ({getattr(MODELS[name], '__name__', 'builder')}{where}) returned "
+                          f"{type(model).__name__}, which has no init/apply; a model builder must return a "
+                          "magic_cli.contracts.Model")
     return model

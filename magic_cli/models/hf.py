@@ -26,6 +26,7 @@ from pathlib import Path
 
 from magic_cli.errors import ConfigError
 from magic_cli.models.torch_module import ModuleModel
+from magic_cli.readers import check_safetensors, read_tensors
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -69,6 +70,30 @@ def resolve_path(path: str, weights: bool = True) -> Path:
     except Exception as e:
         raise ConfigError(f"{key}={path!r} is not a local folder and could not be fetched from the Hugging "
                           f"Face hub ({type(e).__name__}); give a folder written by save_pretrained") from None
+
+
+def check_weight_files(folder: Path) -> None:
+    """The weight files of a save_pretrained folder, read as magic reads any weights file (one
+    line naming a damaged file; pickled objects refused) before transformers touches them."""
+    for f in sorted(folder.glob("*.safetensors")):
+        check_safetensors(f, "model.path")
+    for f in sorted(folder.glob("pytorch_model*.bin")):
+        read_tensors(f, "model.path")
+
+
+def check_lora_targets(model, targets) -> None:
+    """Each model.lora target must name modules of the model (peft matches a module whose dotted
+    name is the target or ends in '.' + target); one line listing the candidates otherwise."""
+    import torch
+
+    names = [n for n, _ in model.named_modules() if n]
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if n and not list(m.children()) and any(True for _ in m.parameters(recurse=False))
+                             and not isinstance(m, torch.nn.modules.normalization.LayerNorm)})
+            raise ConfigError(f"model.lora.targets: {target!r} matches no module of the model; modules that can be "
+                              f"targets: {', '.join(leaves)}")
 
 
 def _no_dropout(hf_config) -> None:
@@ -143,16 +168,26 @@ class HFCausalLM(ModuleModel):
         import warnings
 
         transformers = _transformers()
-        try:
-            if self.path is not None:
+        if self.path is not None:
+            folder = resolve_path(self.path)
+            check_weight_files(folder)
+            try:
                 model = transformers.AutoModelForCausalLM.from_pretrained(
-                    str(resolve_path(self.path)), config=self.hf_config, attn_implementation="eager")
-            else:
+                    str(folder), config=self.hf_config, attn_implementation="eager")
+            except ValueError as e:  # "Unrecognized configuration class ... for AutoModelForCausalLM"
+                raise ConfigError(f"model: {self.hf_config.model_type} is not a causal language model "
+                                  f"({' '.join(str(e).split())[:160]})") from None
+            except Exception as e:  # weights the checks above let through but transformers cannot use
+                raise ConfigError(f"model.path: cannot load the weights in {folder} ({type(e).__name__}: "
+                                  f"{' '.join(str(e).split())[:160]})") from None
+        else:
+            try:
                 model = transformers.AutoModelForCausalLM.from_config(self.hf_config, attn_implementation="eager")
-        except ValueError as e:  # "Unrecognized configuration class ... for AutoModelForCausalLM"
-            raise ConfigError(f"model: {self.hf_config.model_type} is not a causal language model "
-                              f"({' '.join(str(e).split())[:160]})") from None
+            except ValueError as e:
+                raise ConfigError(f"model: {self.hf_config.model_type} is not a causal language model "
+                                  f"({' '.join(str(e).split())[:160]})") from None
         if self.lora:
+            check_lora_targets(model, self.lora["target_modules"])
             try:
                 from peft import LoraConfig, get_peft_model
             except ImportError:

@@ -27,6 +27,7 @@ from typing import Callable
 
 from magic_cli.errors import ConfigError
 from magic_cli.models.layers import normalize
+from magic_cli.readers import read_tensors
 
 
 def _pure_batch_norm_class():
@@ -89,23 +90,9 @@ def _make_pure(module):
 
 
 def _load_weights(path: str) -> dict:
-    import torch
-
-    p = Path(path)
-    if not p.is_file():
+    if not Path(path).is_file():
         raise ConfigError(f"model.init_from: no such file {path!r}")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return dict(load_file(str(p)))
-        data = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # torn file, pickled objects refused by weights_only, missing safetensors
-        raise ConfigError(f"model.init_from: cannot read {path} as a state dict ({type(e).__name__}: "
-                          f"{' '.join(str(e).split())[:200]})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ConfigError(f"model.init_from: {path} is not a state dict of tensors")
-    return data
+    return read_tensors(path, "model.init_from")
 
 
 class ModuleModel:
