@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 
 def load_run(root):
-    """Read a run directory from Python: see magic_cli.results (imports torch only when needed)."""
-    from magic_cli.results import load_run as _load_run
+    """Read a run directory from Python: see magic_cli.stages.results (imports torch only when needed)."""
+    from magic_cli.stages.results import load_run as _load_run
 
     return _load_run(root)

@@ -91,7 +91,7 @@ def train(overrides: Overrides = None, config_dir: ConfigDir = None, overwrite: 
     """Train the model deterministically and store the checkpoints the reverse pass needs."""
     from magic_cli.progress import rich_progress
     from magic_cli.run_dir import RunDir
-    from magic_cli.train import train_stage
+    from magic_cli.stages.train import train_stage
 
     cfg = _load(overrides, config_dir)
     run = RunDir(cfg.out_dir)
@@ -120,9 +120,9 @@ def attribute(
         show_default=False)] = None,
 ):
     """Scores d f_j / d w_i for the test ids: exact MAGIC (the reverse pass through training) or a baseline."""
-    from magic_cli.attribute import attribute_stage
     from magic_cli.progress import rich_progress
     from magic_cli.run_dir import RunDir
+    from magic_cli.stages.attribute import attribute_stage
 
     cfg = _load(list(overrides or []) + ([f"attribute.method={method}"] if method else []), config_dir)
     run = RunDir(cfg.out_dir)
@@ -154,9 +154,9 @@ def retrain_ground_truth(
 ):
     """Retrain on random subsets (ground_truth.drop_fractions x num_subsets); resumable and shardable;
     on a SLURM cluster with launcher=slurm."""
-    from magic_cli.ground_truth import ground_truth_stage
     from magic_cli.progress import rich_progress
     from magic_cli.run_dir import RunDir
+    from magic_cli.stages.ground_truth import ground_truth_stage
 
     cfg = _load(overrides, config_dir)
     run = RunDir(cfg.out_dir)
@@ -182,8 +182,8 @@ def score(
                               "whose bits differ.")] = False,
 ):
     """LDS of every attribution method against the ground truth; writes report/."""
-    from magic_cli.report import low_lds_lines, rich_table, score_stage
     from magic_cli.run_dir import RunDir
+    from magic_cli.stages.score import low_lds_lines, rich_table, score_stage
 
     cfg = _load(overrides, config_dir)
     run = RunDir(cfg.out_dir)
@@ -212,12 +212,12 @@ def smoothness(
     over the parameters and the test outputs, with a verdict; --sweep searches recipes."""
     from magic_cli.progress import rich_progress
     from magic_cli.run_dir import RunDir
-    from magic_cli.smoothness import VERDICTS, smoothness_stage, sweep_stage
+    from magic_cli.stages.smoothness import VERDICTS, smoothness_stage, sweep_stage
 
     if sweep:
         res = _run("smoothness", sweep_stage, list(overrides or []), str(config_dir) if config_dir else None,
                    workers, progress_factory=rich_progress)
-        from magic_cli.smoothness import recommendation_reason, table_lines
+        from magic_cli.stages.smoothness import recommendation_reason, table_lines
 
         typer.echo("metasmoothness S over the test outputs (± over directions), over the parameters, accuracy; "
                    "* on the Pareto front")

@@ -19,12 +19,21 @@ from pathlib import Path
 from typing import Any, Optional
 
 from magic_cli.errors import ConfigError
+from magic_cli.names import (
+    DEVICES,
+    DTYPES,
+    LAUNCHERS,
+    LOSS_REDUCTIONS,
+    METHODS,
+    OPTIMIZERS,
+    OUTPUTS,
+    SCHEDULES,
+    STRATEGIES,
+)
 from magic_cli.readers import expand_path, read_text
+from magic_cli.storage import sha256_tree
 
 CONF_PACKAGE = "magic_cli.conf"
-DTYPES = ("float32", "float64")
-DEVICES = ("cpu", "cuda")
-OUTPUTS = ("loss", "margin")
 # Keys whose values determine the training run (and so its checkpoints, outputs and scores).
 # `checkpoint` is not one of them: every strategy gives bit-identical scores, and a run's
 # stored states are enough to derive the checkpoints of any other strategy.
@@ -49,14 +58,12 @@ def _choice(key: str, value: Any, choices: typing.Iterable[str]) -> None:
 class ScheduleConfig:
     """Learning-rate schedule: a multiplier of `lr` that is a pure function of the step."""
 
-    name: str = "constant"  # one of optim.SCHEDULES
+    name: str = "constant"  # one of names.SCHEDULES
     warmup: float = 0.0  # fraction of the steps rising linearly from start_factor to 1
     start_factor: float = 0.0  # multiplier at step 0 (when warmup > 0)
     end_factor: float = 0.0  # multiplier at the last step (onecycle, cosine, warmup_linear)
 
     def __post_init__(self):
-        from magic_cli.optim import SCHEDULES
-
         _choice("optimizer.schedule.name", self.name, SCHEDULES)
         _check(0.0 <= self.warmup < 1.0, f"optimizer.schedule.warmup must be in [0, 1), got {self.warmup}")
         _check(self.start_factor >= 0, "optimizer.schedule.start_factor must be >= 0")
@@ -65,7 +72,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """A pure optimizer (magic_cli.optim): adam (with eps_root) or sgd."""
+    """A pure optimizer (magic_cli.core.optim): adam (with eps_root) or sgd."""
 
     name: str
     lr: float
@@ -79,8 +86,6 @@ class OptimizerConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self):
-        from magic_cli.optim import OPTIMIZERS
-
         _choice("optimizer.name", self.name, OPTIMIZERS)
         _check(self.lr > 0, f"optimizer.lr must be > 0, got {self.lr}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -105,8 +110,6 @@ class TrainConfig:
     def __post_init__(self):
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
-        from magic_cli.train import LOSS_REDUCTIONS
-
         _choice("train.loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         for key in ("data_weights", "order_file"):
             path = getattr(self, key)
@@ -136,8 +139,6 @@ class CheckpointConfig:
     memory: int | str = 16
 
     def __post_init__(self):
-        from magic_cli.replay import STRATEGIES
-
         _choice("checkpoint.name", self.name, STRATEGIES)
         _check(self.k >= 2, f"checkpoint.k must be >= 2, got {self.k}")
         if isinstance(self.memory, str):
@@ -161,9 +162,6 @@ class CheckpointConfig:
                 raise ValueError("checkpoint.memory is in bytes: resolve it with train.checkpoint_param")
             return self.memory
         return self.k
-
-
-METHODS = ("magic", "grad-dot", "tracin", "trak", "ekfac")
 
 
 @dataclass(frozen=True)
@@ -238,9 +236,6 @@ class SmoothnessConfig:
         _check(self.directions >= 1, f"smoothness.directions must be >= 1, got {self.directions}")
         _check(self.seed >= 0, f"smoothness.seed must be >= 0, got {self.seed}")
         _check(0 < self.drop_fraction < 1, f"smoothness.drop_fraction must be in (0, 1), got {self.drop_fraction}")
-
-
-LAUNCHERS = ("local", "slurm")
 
 
 @dataclass(frozen=True)
@@ -353,8 +348,6 @@ def _content_hash(path: str, key: str) -> str:
     """sha256 of a file, or of a folder's files (names and contents), for the fingerprint."""
     try:
         if Path(path).is_dir():
-            from magic_cli.run_dir import sha256_tree
-
             return "sha256:" + sha256_tree(path)
         return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     except FileNotFoundError:

@@ -15,14 +15,40 @@ without linear-layer taps may refuse it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
-if TYPE_CHECKING:  # torch is imported only where it is used
+if TYPE_CHECKING:  # the contracts are read by config validation, which must not import torch
     from torch import Generator, Tensor
 
-    from magic_cli.data import Dataset
-
 TensorDict = dict  # str -> Tensor
+
+
+@dataclass
+class Dataset:
+    """Tensors of one dataset. x_*: (N, *input_shape) float features or images, or (N, L) long
+    token ids; y_*: (N,) long class ids, or (N, L) next-token ids."""
+
+    name: str
+    x_train: "Tensor"
+    y_train: "Tensor"
+    x_test: "Tensor"
+    y_test: "Tensor"
+    n_classes: int
+    # Optional pure augmentation: (x_batch, example_ids, seed, step) -> x_batch.
+    augment: Callable | None = None
+
+    @property
+    def n_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.x_test.shape[0])
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.x_train.shape[1:])
 
 
 @runtime_checkable

@@ -175,8 +175,8 @@ def retrain_on_slurm(config, run, plan, label: str, progress_factory=None) -> tu
 def ground_truth_job(cwd: str, raw: dict, tasks: list) -> int:
     """The body of one array task: retrain its blocks and write their subsets."""
     from magic_cli.config import from_dict
-    from magic_cli.ground_truth import Task, retrain_tasks_here
     from magic_cli.run_dir import RunDir
+    from magic_cli.stages.ground_truth import Task, retrain_tasks_here
 
     os.chdir(cwd)
     config = from_dict(raw)
@@ -203,9 +203,9 @@ def attribute_job(cwd: str, raw: dict, ids: list[int]) -> int:
     """The body of one array task: attribute one group of test ids here (and merge, under the lock)."""
     import dataclasses
 
-    from magic_cli.attribute import attribute_stage
     from magic_cli.config import from_dict
     from magic_cli.run_dir import RunDir
+    from magic_cli.stages.attribute import attribute_stage
 
     os.chdir(cwd)
     config = from_dict(raw)
@@ -219,7 +219,7 @@ def smoothness_on_slurm(config, run, todo: list[int], progress_factory=None) -> 
     """Smoothness: one array task per direction of `todo` (each trains the base run, w + h v and
     w + 2h v) and one for the base run's outputs. Returns None or the line saying what failed."""
     from magic_cli.run_dir import status
-    from magic_cli.smoothness import identity
+    from magic_cli.stages.smoothness import identity
 
     def ok(i) -> bool:
         path = run.smoothness_base if i is None else run.smoothness_direction(i)
@@ -235,7 +235,7 @@ def smoothness_job(cwd: str, raw: dict, direction: int | None) -> int:
     """The body of one array task: one direction (or, for None, the base run only)."""
     from magic_cli.config import from_dict
     from magic_cli.run_dir import RunDir
-    from magic_cli.smoothness import compute_directions
+    from magic_cli.stages.smoothness import compute_directions
 
     os.chdir(cwd)
     config = from_dict(raw)

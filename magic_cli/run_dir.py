@@ -24,56 +24,40 @@ Tensors are loaded with weights_only=True only; nothing is pickled or imported.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 import os
 import shutil
 import socket
-import tempfile
 import uuid
 from pathlib import Path
 
+from magic_cli.core.replay import root_boundaries
 from magic_cli.errors import ArtifactError, StageError  # noqa: F401  (StageError is re-exported)
+from magic_cli.storage import (  # noqa: F401  (the stages save and load through run_dir)
+    UMASK,
+    json_text,
+    load_json,
+    load_npy,
+    load_npz,
+    load_tensors,
+    npy_bytes,
+    npz_bytes,
+    save_bytes,
+    save_json,
+    save_npy,
+    save_tensors,
+    save_text,
+    sha256_bytes,
+    sha256_file,
+    sha256_tree,
+    tensors_bytes,
+    write_tmp,
+)
 
 MARKER = "magic-run.json"
 FORMAT = 2  # run directory layout version; runs of another format are refused
 LOCK = ".lock"
 TRASH = ".trash"
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_TMP_TAG = f"{socket.gethostname()}~{os.getpid()}"  # in temporary names: who is writing
-
-
-# --- atomic writes --------------------------------------------------------------------------
-
-def _write_tmp(path: Path, data: bytes) -> Path:
-    """`data` in a temporary file beside `path` (named after its writer, see RunDir.clean)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}~{_TMP_TAG}~", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
-def _atomic_write(path: Path, data: bytes) -> Path:
-    tmp = _write_tmp(path, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return Path(path)
-
 
 class Staged:
     """Artifacts written to temporary files now and put in place by commit() once the writer
@@ -85,7 +69,7 @@ class Staged:
 
     def add(self, path, data: bytes, meta: dict) -> None:
         record = {**meta, "file": Path(path).name, "sha256": sha256_bytes(data), "bytes": len(data)}
-        self.items.append((_write_tmp(path, data), Path(path), record))
+        self.items.append((write_tmp(path, data), Path(path), record))
 
     def commit(self) -> list[Path]:
         for tmp, path, record in self.items:
@@ -100,96 +84,12 @@ class Staged:
         self.items = []
 
 
-def save_bytes(path, data: bytes) -> Path:
-    return _atomic_write(path, data)
-
-
-def save_text(path, text: str) -> Path:
-    return save_bytes(path, text.encode())
-
-
-def json_text(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
-
-
-def save_json(path, obj) -> Path:
-    return save_text(path, json_text(obj))
-
-
-def load_json(path):
-    return json.loads(Path(path).read_text())
-
-
-def npy_bytes(array) -> bytes:
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def npz_bytes(**arrays) -> bytes:
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def tensors_bytes(tensors: dict) -> bytes:
-    """A flat dict of str -> Tensor as torch.save bytes (loadable with weights_only=True)."""
-    import torch
-
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buf)
-    return buf.getvalue()
-
-
-def save_npy(path, array) -> Path:
-    return save_bytes(path, npy_bytes(array))
-
-
-def load_npy(path, mmap: bool = False):
-    import numpy as np
-
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-
-
-def load_npz(path) -> dict:
-    import numpy as np
-
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def save_tensors(path, tensors: dict) -> Path:
-    return save_bytes(path, tensors_bytes(tensors))
-
-
-def load_tensors(path, mmap: bool = False) -> dict:
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-
-
 # --- artifacts: a file and its sidecar ----------------------------------------------------------
 
 def sidecar(path) -> Path:
     """X.npy -> X.json: the digest and identity of an artifact."""
     path = Path(path)
     return path.with_name(path.stem + ".json")
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_artifact(path, data: bytes, meta: dict) -> dict:
@@ -253,20 +153,6 @@ def valid_record(path, expect: dict | None = None) -> dict | None:
         return None
 
 
-def sha256_tree(root) -> str:
-    """sha256 (16 hex digits) of a folder's files: their relative names and contents."""
-    root = Path(root)
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(root)).encode())
-        file_hash = hashlib.sha256()
-        with open(f, "rb") as fh:  # streamed: model weights can be larger than memory allows twice
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                file_hash.update(block)
-        h.update(file_hash.digest())
-    return h.hexdigest()[:16]
-
-
 def remove_artifact(path) -> None:
     Path(path).unlink(missing_ok=True)
     sidecar(path).unlink(missing_ok=True)
@@ -307,6 +193,22 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+PARAMETERISED = ("replay", "binomial")  # strategies whose checkpoint folder's name carries their parameter
+
+
+def checkpoint_tag(strategy: str, param: int) -> str:
+    """The name of a strategy's checkpoint folder: all | sqrt | replay<k> | binomial<memory>."""
+    return f"{strategy}{param}" if strategy in PARAMETERISED else strategy
+
+
+def strategy_of(tag: str) -> tuple[str, int]:
+    """(strategy, parameter) of a checkpoint tag (checkpoint_tag's inverse)."""
+    for strategy in PARAMETERISED:
+        if tag.startswith(strategy):
+            return strategy, int(tag[len(strategy):])
+    return tag, 4
 
 
 class RunDir:
@@ -352,6 +254,27 @@ class RunDir:
 
     def checkpoint_state(self, tag: str, t: int) -> Path:
         return self.checkpoints(tag) / f"state_{t:06d}.pt"
+
+    def checkpoint_names(self, tag: str, total_steps: int) -> list[str]:
+        """The files of a strategy's stored states, relative to train/ (as the training record
+        lists them): one per root boundary of the strategy's tree."""
+        strategy, param = strategy_of(tag)
+        return [str(self.checkpoint_state(tag, t).relative_to(self.train_dir))
+                for t in root_boundaries(strategy, total_steps, param)]
+
+    def checkpoint_states(self, tag: str, total_steps: int) -> dict[int, Path]:
+        """{step: file} of a strategy's stored states."""
+        strategy, param = strategy_of(tag)
+        return {t: self.checkpoint_state(tag, t) for t in root_boundaries(strategy, total_steps, param)}
+
+    def train_file(self, name: str) -> Path:
+        """A file of train/ by its name relative to train/ (as the training record lists it)."""
+        return self.train_dir / name
+
+    @staticmethod
+    def step_of(name: str) -> int:
+        """The step of a checkpoint state's file name (checkpoints_<tag>/state_<t>.pt)."""
+        return int(name.rsplit("_", 1)[1][:-len(".pt")])
 
     @property
     def final_state(self) -> Path:
@@ -493,7 +416,7 @@ class RunDir:
             self.check_marker()
 
         try:
-            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~UMASK)
         except FileNotFoundError:
             raise StageError(f"no finished training run in {_rel(self.root)}: run `magic train` with the same "
                              "overrides first") from None

@@ -38,14 +38,14 @@ def main() -> None:
     args = parser.parse_args()
 
     from magic_cli.config import load
+    from magic_cli.core.metagrad import compiled_vjp, reverse_pass, reverse_step
+    from magic_cli.core.replay import ReverseStates, root_boundaries
     from magic_cli.determinism import enable_determinism
-    from magic_cli.metagrad import compiled_vjp, reverse_pass, reverse_step
-    from magic_cli.replay import ReverseStates, root_boundaries
-    from magic_cli.train import Problem
+    from magic_cli.stages.assemble import assemble
 
     config = load(args.overrides, args.config_dir)
     enable_determinism(config.device, config.threads)
-    problem = Problem.build(config)
+    problem = assemble(config)
     T = problem.total_steps
     keep = {("all", 0): set(root_boundaries("all", T)), ("replay", 4): set(root_boundaries("replay", T, 4))}
     probe = ReverseStates(lambda s, t: s, {t: t for t in keep[("replay", 4)]}, T, "replay", 4)
@@ -80,8 +80,8 @@ def main() -> None:
         rows.append((label, strategy, len(group), *attribute(strategy, param, [group])))
     compile_s = {}
     if args.compile:
+        from magic_cli.core.metagrad import output_cotangents
         from magic_cli.errors import ConfigError
-        from magic_cli.metagrad import output_cotangents
 
         batched_vjp = compiled_vjp(problem)
         for n in (16, args.many):

@@ -3,7 +3,7 @@
     python scripts/bench_memory.py [--experiments digits_cnn text_tiny_lm] [--ids 2 8 32]
 
 For each experiment and number of test ids J, in a fresh process each: the tensor bytes that
-magic_cli.memory counts for one reverse step (what plans the groups), and the growth of the
+magic_cli.core.memory counts for one reverse step (what plans the groups), and the growth of the
 process's peak resident memory over one reverse step (VmHWM, reset just before it, on Linux).
 Prints both and their ratio; RSS includes the allocator's slack, so a ratio a little above 1 is
 expected, one far above 1 means the budget is not a safe bound.
@@ -20,15 +20,16 @@ CHILD = r"""
 import json, sys
 from magic_cli.config import load
 from magic_cli.determinism import enable_determinism
-from magic_cli.memory import reverse_step_bytes
-from magic_cli.metagrad import reverse_step
-from magic_cli.train import Problem, TrainState
+from magic_cli.core.memory import reverse_step_bytes
+from magic_cli.core.metagrad import reverse_step
+from magic_cli.core.problem import TrainState
+from magic_cli.stages.assemble import assemble
 import torch
 
 experiment, J, what = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 config = load([f"experiment={experiment}"])
 enable_determinism(config.device, config.threads)
-problem = Problem.build(config)
+problem = assemble(config)
 state = problem.init_state()
 reverse_step_bytes(problem, state, 1)  # warm up: one-off allocations are not the step's
 if what == "counted":

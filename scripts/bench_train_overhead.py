@@ -93,12 +93,13 @@ def measure(name: str, repeats: int) -> tuple[float, float]:
     import torch
 
     from magic_cli.config import load
+    from magic_cli.core.losses import per_example_loss
     from magic_cli.determinism import enable_determinism
-    from magic_cli.train import Problem, per_example_loss
+    from magic_cli.stages.assemble import assemble
 
     config = load([f"experiment={name}"])
     enable_determinism(config.device, config.threads)
-    problem = Problem.build(config)
+    problem = assemble(config)
     init = problem.init_state()
     batches = [problem.batch(t) for t in range(problem.total_steps)]  # both loops get these
 

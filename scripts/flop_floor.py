@@ -31,15 +31,15 @@ def main() -> None:
     import torch
 
     from magic_cli.config import load
+    from magic_cli.core.metagrad import output_cotangents, reverse_step
     from magic_cli.determinism import enable_determinism
-    from magic_cli.metagrad import output_cotangents, reverse_step
-    from magic_cli.train import Problem
+    from magic_cli.stages.assemble import assemble
 
     print(f"{'experiment':<16}{'train step GFLOP':>18}" + "".join(f"{f'J={j} x/id':>12}" for j in args.ids))
     for name in args.experiments:
         config = load([f"experiment={name}"])
         enable_determinism(config.device, config.threads)
-        problem = Problem.build(config)
+        problem = assemble(config)
         state = problem.init_state()
         t = 0
         with torch.no_grad():

@@ -23,14 +23,14 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from magic_cli.config import load
+    from magic_cli.core.metagrad import output_cotangents, reverse_step
     from magic_cli.determinism import enable_determinism
-    from magic_cli.metagrad import output_cotangents, reverse_step
-    from magic_cli.train import Problem
+    from magic_cli.stages.assemble import assemble
 
     for name in args.experiments:
         config = load([f"experiment={name}"])
         enable_determinism(config.device, config.threads)
-        problem = Problem.build(config)
+        problem = assemble(config)
         state = problem.init_state()
         lam = output_cotangents(problem, state, list(range(args.ids)), config.attribute.output)
         reverse_step(problem, state, 0, lam, need_next=False)  # warm up

@@ -32,11 +32,11 @@ def cli(capsys):
 def problem_for(overrides):
     from magic_cli.config import load
     from magic_cli.determinism import enable_determinism
-    from magic_cli.train import Problem
+    from magic_cli.stages.assemble import assemble
 
     config = load(overrides)
     enable_determinism(config.device, config.threads)
-    return Problem.build(config)
+    return assemble(config)
 
 
 def assert_eager_step_bit_equal(problem, steps: int = 4):
@@ -44,7 +44,7 @@ def assert_eager_step_bit_equal(problem, steps: int = 4):
     differentiates the torch.func one: the states they give must be the same bits."""
     import torch
 
-    from magic_cli.train import flatten_state
+    from magic_cli.core.problem import flatten_state
 
     eager = functional = problem.init_state()
     with torch.no_grad():
@@ -61,7 +61,7 @@ def unrolled_scores(problem, ids, output="loss"):
     """d f_j / d w by autograd through the fully unrolled training loop: (len(ids), N)."""
     import torch
 
-    from magic_cli.train import OUTPUT_FUNCTIONS
+    from magic_cli.core.losses import OUTPUT_FUNCTIONS
 
     w = problem.weights.clone().requires_grad_()
     state = problem.init_state()

@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import TINY, problem_for
 
-from magic_cli import baselines
-from magic_cli.optim import lr_factor
-from magic_cli.train import OUTPUT_FUNCTIONS, TrainState
+from magic_cli.core import baselines
+from magic_cli.core.losses import OUTPUT_FUNCTIONS
+from magic_cli.core.optim import lr_factor
+from magic_cli.core.problem import TrainState
 
 IDS = [1, 4]
 

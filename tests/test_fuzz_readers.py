@@ -74,10 +74,10 @@ def _good_files(folder: Path) -> dict:
 
 def _read(fmt: str, path: Path, folder: Path):
     """Read `path` as magic reads a file of format `fmt`; check the result as a run would."""
-    from magic_cli.assemble import load_data_weights, load_order
     from magic_cli.config import parse_test_ids
     from magic_cli.data import DATASETS, check_dataset
     from magic_cli.readers import check_safetensors, read_tensors
+    from magic_cli.stages.assemble import load_data_weights, load_order
 
     dataset = {"arrays_npz": ("arrays", {}), "arrays_npz_compressed": ("arrays", {}),
                "tokens_npy": ("token_ids", {}), "tokens_npz": ("token_ids", {}), "tokens_jsonl": ("token_ids", {}),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from magic_cli.ground_truth import make_masks, parse_shard
+from magic_cli.stages.ground_truth import make_masks, parse_shard
 
 GT = ["ground_truth.drop_fractions=[0.1,0.2]", "ground_truth.num_subsets=6"]
 

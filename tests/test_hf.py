@@ -120,7 +120,7 @@ def test_tied_embeddings_follow_torch_adamw_step_for_step(tmp_path):
 
     from transformers import GPT2LMHeadModel, get_linear_schedule_with_warmup
 
-    from magic_cli.train import per_example_loss
+    from magic_cli.core.losses import per_example_loss
 
     args = _args(tmp_path, tied=True) + ["optimizer.eps_root=0", "optimizer.weight_decay=0.1",
                                          "optimizer.betas=[0.9,0.95]", "optimizer.schedule.name=warmup_linear",
@@ -151,7 +151,7 @@ def test_tied_embeddings_follow_torch_adamw_step_for_step(tmp_path):
 
 
 def test_frozen_layers_are_constants_without_an_adjoint(cli, tmp_path):
-    from magic_cli.metagrad import output_cotangents, reverse_step
+    from magic_cli.core.metagrad import output_cotangents, reverse_step
 
     args = _args(tmp_path) + ["model.trainable=[transformer.h.0.mlp.*,transformer.ln_f.*]"]
     scores = _attribute(cli, args, tmp_path / "run")
@@ -255,7 +255,7 @@ def test_padding_gives_the_scores_of_the_unpadded_examples(cli, tmp_path, reduct
 
 def test_loss_reductions_scale_as_documented():
     """mean: (1/B) Σ w ℓ; sum: Σ w ℓ; token_mean: Σ_b w_b Σ_t ℓ_bt / tokens (zero weights counted)."""
-    from magic_cli.train import make_grad_fn
+    from magic_cli.core.problem import make_grad_fn
 
     class Linear:  # logits (B, L, V) = one table lookup: the loss is then easy to write by hand
         def apply(self, params, buffers, x, train):
@@ -294,7 +294,7 @@ def test_lm_schedules_are_transformers_own(name, reference):
     import transformers
 
     from magic_cli.config import ScheduleConfig
-    from magic_cli.optim import lr_factor
+    from magic_cli.core.optim import lr_factor
 
     T, warmup = 40, 0.25
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
@@ -311,7 +311,7 @@ def test_lm_schedules_are_transformers_own(name, reference):
 
 def test_onecycle_has_start_peak_and_end(tmp_path):
     from magic_cli.config import ScheduleConfig
-    from magic_cli.optim import lr_factor
+    from magic_cli.core.optim import lr_factor
 
     s = ScheduleConfig(name="onecycle", warmup=0.25, start_factor=0.1, end_factor=0.05)
     f = [lr_factor(s, t, 41) for t in range(41)]

@@ -35,7 +35,7 @@ def test_bad_launcher_settings_are_one_line(cli, tmp_path, override, fragment):
 
 
 def test_workers_take_the_visible_gpus_in_turn():
-    from magic_cli.ground_truth import device_type, worker_gpu
+    from magic_cli.stages.ground_truth import device_type, worker_gpu
 
     assert [worker_gpu(r, 4) for r in range(6)] == [0, 1, 2, 3, 0, 1]
     assert [worker_gpu(r, 1) for r in range(3)] == [0, 0, 0]

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY, problem_for
 from test_faults import one_line_error
 
-from magic_cli.memory import peak_tensor_bytes, plan_groups, reverse_step_bytes
+from magic_cli.core.memory import peak_tensor_bytes, plan_groups, reverse_step_bytes
 
 
 def test_peak_tensor_bytes_counts_what_is_alive_at_once():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY, problem_for, unrolled_scores
 
-from magic_cli.replay import ReverseStates, root_boundaries
+from magic_cli.core.replay import ReverseStates, root_boundaries
 
 
 def _attribute(cli, run_dir, ids, *overrides, extra=()):
@@ -143,7 +143,7 @@ def test_replay_iterator_order_and_memory_bound(T, k):
 def test_binomial_iterator_order_memory_and_optimal_cost(T, memory):
     """At most `memory` states, and exactly Revolve's minimal number of forward steps (the first
     sweep is `train`'s, which stores its checkpoints)."""
-    from magic_cli.replay import binomial_cost
+    from magic_cli.core.replay import binomial_cost
 
     root = root_boundaries("binomial", T, memory)
     it = ReverseStates(lambda s, t: s + 1, {t: t for t in root}, T, "binomial", memory)
@@ -158,7 +158,7 @@ def test_binomial_split_is_optimal_against_dynamic_programming():
     rule's schedule both reach the minimum."""
     from functools import lru_cache
 
-    from magic_cli.replay import binomial_cost, binomial_split
+    from magic_cli.core.replay import binomial_cost, binomial_split
 
     def cost_of(choices):
         """The cost of the schedules whose first checkpoint is one of choices(length, free)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from magic_cli.config import OptimizerConfig, ScheduleConfig
-from magic_cli.optim import build_optimizer, lr_factor
+from magic_cli.core.optim import build_optimizer, lr_factor
 
 F64 = torch.float64
 

@@ -39,12 +39,12 @@ def _overrides(args):
 def _problem(args):
     from magic_cli.config import load
     from magic_cli.determinism import enable_determinism
-    from magic_cli.train import Problem
+    from magic_cli.stages.assemble import assemble
 
     config_dir = args[args.index("--config-dir") + 1] if "--config-dir" in args else None
     config = load(_overrides(args), config_dir)
     enable_determinism(config.device, config.threads)
-    return Problem.build(config)
+    return assemble(config)
 
 
 def _attribute(cli, args, out, ids="0,2"):

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import TINY
 
-from magic_cli.metrics import mean_with_ci, per_test_correlations, predicted_change
+from magic_cli.core.metrics import mean_with_ci, per_test_correlations, predicted_change
 from magic_cli.run_dir import RunDir, save_json
 
 
@@ -52,8 +52,8 @@ def test_mean_with_ci_brackets_the_mean():
 def _fake_run(cli, tmp_path, slope=2.0, extra=()):
     """A real tiny training run with hand-built scores and ground truth: actual = slope * predicted,
     the prediction written out by hand as -sum over dropped i of w0_i * scores[i, j]."""
-    from magic_cli.ground_truth import make_masks, merged_identity
     from magic_cli.run_dir import npy_bytes, save_artifact
+    from magic_cli.stages.ground_truth import make_masks, merged_identity
 
     assert cli("train", *TINY, f"out_dir={tmp_path}", *extra)[0] == 0
     run = RunDir(tmp_path)

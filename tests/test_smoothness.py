@@ -14,7 +14,7 @@ SMALL = TINY + ["smoothness.directions=2"]
 
 
 def test_s_of_affine_readings_is_one_and_of_reversed_ones_minus_one():
-    from magic_cli.smoothness import metasmoothness
+    from magic_cli.stages.smoothness import metasmoothness
 
     rng = np.random.default_rng(0)
     a0, u = rng.normal(size=50), rng.normal(size=50)
@@ -72,7 +72,7 @@ def test_bad_smoothness_settings_are_one_line(cli, tmp_path, override, fragment)
 
 
 def test_sweep_parser_takes_hydra_sweep_syntax():
-    from magic_cli.smoothness import combinations, parse_sweep
+    from magic_cli.stages.smoothness import combinations, parse_sweep
 
     fixed, axes = parse_sweep(["optimizer.lr=1e-3,3e-3", "model.hidden=[8]", "seed=range(1,3)", "dataset=wine"])
     assert fixed == ["model.hidden=[8]", "dataset=wine"]
@@ -91,7 +91,7 @@ def test_bad_sweeps_are_one_line(cli, tmp_path, args, fragment):
 
 
 def test_pareto_front_and_recommendation():
-    from magic_cli.smoothness import pareto_front, recommend
+    from magic_cli.stages.smoothness import pareto_front, recommend
 
     points = [(0.95, 0.2), (0.94, 0.9), (0.90, 0.95), (0.93, 0.5), (0.95, 0.1)]
     assert pareto_front(points) == [0, 1, 2]
@@ -118,7 +118,7 @@ def test_sweep_writes_the_table_the_plot_and_a_recommendation(cli, tmp_path):
 
 
 def test_attribute_records_the_adjoint_growth_and_warns_when_it_explodes(cli, tmp_path, monkeypatch):
-    import magic_cli.metagrad
+    import magic_cli.core.metagrad
 
     out = f"out_dir={tmp_path / 'run'}"
     assert cli("train", *TINY, out)[0] == 0
@@ -126,7 +126,7 @@ def test_attribute_records_the_adjoint_growth_and_warns_when_it_explodes(cli, tm
     assert code == 0 and "warning" not in err, err
     side = json.loads((tmp_path / "run" / "attribute" / "magic" / "scores.json").read_text())
     assert len(side["adjoint_growth"]) == 3 and all(g >= 1.0 for g in side["adjoint_growth"])
-    monkeypatch.setattr(magic_cli.metagrad, "GROWTH_WARN", 0.5)  # as if the adjoint had exploded
+    monkeypatch.setattr(magic_cli.core.metagrad, "GROWTH_WARN", 0.5)  # as if the adjoint had exploded
     code, _, err = cli("attribute", "--test-ids", "0:3", *TINY, out)
     assert code == 0 and "the adjoint grew" in err and "magic smoothness" in err, err
     assert cli("attribute", "--test-ids", "0:3", "--method", "grad-dot", *TINY, out)[0] == 0
@@ -135,13 +135,13 @@ def test_attribute_records_the_adjoint_growth_and_warns_when_it_explodes(cli, tm
 
 
 def test_score_names_the_test_ids_with_a_low_lds_and_their_slope(cli, tmp_path, monkeypatch):
-    import magic_cli.report
+    import magic_cli.stages.score
 
     out = f"out_dir={tmp_path / 'run'}"
     gt = ["ground_truth.drop_fractions=[0.1]", "ground_truth.num_subsets=6"]
     for args in (["train"], ["attribute", "--test-ids", "0:4"], ["retrain-ground-truth"]):
         assert cli(*args, *TINY, *gt, out)[0] == 0
-    monkeypatch.setattr(magic_cli.report, "LOW_LDS", 1.01)  # every id is "low"
+    monkeypatch.setattr(magic_cli.stages.score, "LOW_LDS", 1.01)  # every id is "low"
     code, stdout, err = cli("score", *TINY, *gt, out)
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "report" / "summary.json").read_text())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY, problem_for
 
-from magic_cli.train import TrainState, flatten_state
+from magic_cli.core.problem import TrainState, flatten_state
 
 
 def test_default_train_reaches_97_percent(cli, tmp_path):

@@ -8,43 +8,12 @@ statistics of the training split only. The batch schedule is a pure function of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
-from magic_cli.contracts import DatasetBuilder  # noqa: F401  (the type of the registry's entries)
+from magic_cli.contracts import Dataset, DatasetBuilder
 from magic_cli.data.cifar import cifar10
 from magic_cli.data.files import arrays, image_folder, table, text_file, token_ids
 from magic_cli.data.tabular import breast_cancer, digits, wine
 from magic_cli.data.text import text_chars
 from magic_cli.errors import ConfigError
-
-
-@dataclass
-class Dataset:
-    """Tensors of one dataset. x_*: (N, *input_shape) float features or images, or (N, L) long
-    token ids; y_*: (N,) long class ids, or (N, L) next-token ids."""
-
-    name: str
-    x_train: "object"
-    y_train: "object"
-    x_test: "object"
-    y_test: "object"
-    n_classes: int
-    # Optional pure augmentation: (x_batch, example_ids, seed, step) -> x_batch.
-    augment: Callable | None = None
-
-    @property
-    def n_train(self) -> int:
-        return int(self.x_train.shape[0])
-
-    @property
-    def n_test(self) -> int:
-        return int(self.x_test.shape[0])
-
-    @property
-    def input_shape(self) -> tuple:
-        return tuple(self.x_train.shape[1:])
-
 
 DATASETS: dict[str, "DatasetBuilder"] = {
     "digits": digits,

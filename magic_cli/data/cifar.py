@@ -13,7 +13,7 @@ def cifar10(seed: int, *, root: str = "data/cifar10", download: bool = True, cla
     import torch
     from torchvision.datasets import CIFAR10
 
-    from magic_cli.data import Dataset
+    from magic_cli.contracts import Dataset
     from magic_cli.data.augment import flip_translate
     from magic_cli.determinism import derive_seed
 

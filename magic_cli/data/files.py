@@ -20,6 +20,7 @@ from pathlib import Path
 
 from magic_cli.errors import ConfigError
 from magic_cli.readers import read_arrays, read_image, read_jsonl, read_npz, read_table, read_text
+from magic_cli.storage import npz_bytes, save_bytes, sha256_tree
 
 # --- common ----------------------------------------------------------------------------------------
 
@@ -82,7 +83,7 @@ def _classification(name, parts, seed, test_fraction, n_classes, standardize):
     import numpy as np
     import torch
 
-    from magic_cli.data import Dataset
+    from magic_cli.contracts import Dataset
 
     if len(parts) == 1:
         (x, y), = parts
@@ -156,8 +157,6 @@ def _decode_folder(root: Path, cache_dir: str):
     """(x (N, 3, H, W) float64 in [0, 1], y (N,), class names) of an ImageFolder tree, cached in
     cache_dir/<content digest>.npz (arrays only, loaded without pickle)."""
     import numpy as np
-
-    from magic_cli.run_dir import npz_bytes, save_bytes, sha256_tree
 
     cache = Path(cache_dir).expanduser() / f"image_folder_{sha256_tree(root)}.npz"
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
@@ -236,7 +235,7 @@ def _token_rows(p: str):
     (IGNORE, -100, marks a token that is not supervised, e.g. a prompt)."""
     import numpy as np
 
-    from magic_cli.train import IGNORE
+    from magic_cli.core.losses import IGNORE
 
     if p.endswith(".jsonl"):
         ids_rows, label_rows = [], []
@@ -298,8 +297,8 @@ def _language(name, parts, seed, test_fraction, vocab_size):
     import numpy as np
     import torch
 
-    from magic_cli.data import Dataset
-    from magic_cli.train import IGNORE
+    from magic_cli.contracts import Dataset
+    from magic_cli.core.losses import IGNORE
 
     if len(parts) == 1:
         train, test = _split(len(parts[0][0]), seed, test_fraction)

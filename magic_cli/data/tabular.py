@@ -9,7 +9,7 @@ def _split_standardise(name: str, x, y, seed: int, test_fraction: float):
     import numpy as np
     import torch
 
-    from magic_cli.data import Dataset
+    from magic_cli.contracts import Dataset
     from magic_cli.determinism import derive_seed
 
     if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:

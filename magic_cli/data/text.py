@@ -17,7 +17,7 @@ def text_chars(seed: int, *, context: int = 32, n_train: int = 1000, n_test: int
     import numpy as np
     import torch
 
-    from magic_cli.data import Dataset
+    from magic_cli.contracts import Dataset
     from magic_cli.determinism import derive_seed
 
     text = "\n".join(topics[k] for k in sorted(topics))

@@ -30,7 +30,7 @@ import os
 import time
 
 from magic_cli.errors import StageError
-from magic_cli.train import Problem
+from magic_cli.stages.assemble import assemble
 
 SIGN = "d output / d weight"
 
@@ -45,7 +45,7 @@ def attribute_stage(config, run, test_ids_spec: str, overwrite: bool = False, pr
     with run.lock(exclusive=False):
         run.clean(exclusive=False)
         record = run.require_trained(config)
-        problem = Problem.build(config)
+        problem = assemble(config)
         return _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_factory)
 
 
@@ -70,12 +70,13 @@ def identity(config, record: dict) -> dict:
 
 
 def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_factory) -> dict:
-    from magic_cli.baselines import BASELINES
     from magic_cli.config import parse_test_ids
-    from magic_cli.metagrad import ReverseStats, reverse_pass
+    from magic_cli.core.baselines import BASELINES
+    from magic_cli.core.metagrad import ReverseStats, reverse_pass
+    from magic_cli.core.problem import state_size
     from magic_cli.progress import no_progress
     from magic_cli.run_dir import npy_bytes, save_artifact, status
-    from magic_cli.train import checkpoint_param, load_final_and_stored, state_size
+    from magic_cli.stages.checkpoints import checkpoint_param, load_final_and_stored
 
     ids = parse_test_ids(test_ids_spec, problem.dataset.n_test)
     settings, key = settings_of(config), identity(config, record)
@@ -86,7 +87,7 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
     size, share, plan = config.attribute.batch_size if method == "magic" else len(ids), None, None
     if method == "magic" and config.attribute.memory is not None:  # as many ids per group as fit
         from magic_cli.config import parse_bytes
-        from magic_cli.memory import plan_groups
+        from magic_cli.core.memory import plan_groups
 
         plan = plan_groups(problem, template, parse_bytes(config.attribute.memory), size,
                            config.attribute.replay_groups, len(ids), config.checkpoint.name != "all")
@@ -107,7 +108,7 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
         final, stored = load_final_and_stored(problem, run, record)
         batched_vjp = None
         if method == "magic" and config.attribute.compile:
-            from magic_cli.metagrad import compiled_vjp
+            from magic_cli.core.metagrad import compiled_vjp
 
             batched_vjp = compiled_vjp(problem)  # one per command: compiled once per group size
         done = 0
@@ -152,7 +153,7 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
     if missing:  # another process replaced one of ours between our write and the merge
         raise StageError(f"test ids {missing[:5]} of {run.attribute_dir(method)} were overwritten while this "
                          "command ran; run it again")
-    from magic_cli.metagrad import GROWTH_WARN
+    from magic_cli.core.metagrad import GROWTH_WARN
 
     grown = dict(zip(side["test_ids"], side["adjoint_growth"]))
     growth = [grown[i] for i in ids if grown.get(i) is not None]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from magic_cli.metrics import mean_with_ci, per_test_correlations, predicted_change
+from magic_cli.core.metrics import mean_with_ci, per_test_correlations, predicted_change
 from magic_cli.run_dir import RunDir, StageError, load_npy, save_bytes, save_json, save_text
 
 SCATTER_IDS = 4  # test ids per scatter plot
@@ -32,11 +32,11 @@ def score_stage(config, run: RunDir, mix_devices: bool = False) -> dict:
 def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> dict:
     import pandas as pd
 
-    from magic_cli.assemble import load_data_weights
-    from magic_cli.attribute import load_scores
-    from magic_cli.ground_truth import load_ground_truth
     from magic_cli.run_dir import verify
-    from magic_cli.train import REPAIR
+    from magic_cli.stages.assemble import load_data_weights
+    from magic_cli.stages.attribute import load_scores
+    from magic_cli.stages.checkpoints import REPAIR
+    from magic_cli.stages.ground_truth import load_ground_truth
 
     output, fingerprint = config.attribute.output, record["fingerprint"]
     methods = run.methods_present()

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from magic_cli.errors import ConfigError, StageError
+from magic_cli.names import OUTPUTS
 from magic_cli.progress import no_progress
 from magic_cli.run_dir import status
 
@@ -101,7 +102,7 @@ def _init_worker(raw_config: dict, ranks=None) -> None:
 
     from magic_cli.config import from_dict
     from magic_cli.determinism import enable_determinism
-    from magic_cli.train import Problem
+    from magic_cli.stages.assemble import assemble
 
     config = from_dict(raw_config)
     if config.device == "cuda" and ranks is not None:
@@ -110,7 +111,7 @@ def _init_worker(raw_config: dict, ranks=None) -> None:
         torch.cuda.set_device(worker_gpu(rank, torch.cuda.device_count()))
     enable_determinism(config.device, threads=1)
     torch.set_num_threads(1)
-    _WORKER["problem"] = Problem.build(config)
+    _WORKER["problem"] = assemble(config)
     _WORKER["seed"] = config.ground_truth.seed
     _WORKER["fingerprint"] = config.fingerprint()  # hashes the data-weights file as this process reads it
     _WORKER["device"] = device_name(config.device)
@@ -133,7 +134,7 @@ def _retrain(task: Task):
 
 # --- the stage -------------------------------------------------------------------------------
 
-OUTPUTS = ("loss", "margin")
+
 
 
 def subset_identity(fingerprint: str, seed: int, p: float, k: int, mask, batch: int = 1) -> dict:
@@ -224,7 +225,7 @@ def _plan(config, run, record, index, count) -> Plan:
     m_all = -(-gt.num_subsets // G) * G  # whole blocks: the last one runs past num_subsets
     masks = {p: make_masks(n_train, p, m_all, gt.seed) for p in gt.drop_fractions}
     if config.train.data_weights is not None:  # a subset must keep some weight: else nothing is trained on
-        from magic_cli.assemble import load_data_weights
+        from magic_cli.stages.assemble import load_data_weights
 
         kept = load_data_weights(config.train.data_weights, n_train) > 0
         for p in gt.drop_fractions:

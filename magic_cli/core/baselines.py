@@ -29,8 +29,9 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from magic_cli.core.losses import OUTPUT_FUNCTIONS
+from magic_cli.core.problem import Problem, TrainState
 from magic_cli.errors import ConfigError
-from magic_cli.train import OUTPUT_FUNCTIONS, Problem, TrainState
 
 CHUNK = 256  # examples per vmap(grad) call
 
@@ -95,7 +96,7 @@ def _epoch_states(problem: Problem) -> tuple[list[int], dict]:
 
 
 def tracin(problem: Problem, final: TrainState, test_ids, output: str, options: dict):
-    from magic_cli.optim import lr_factor
+    from magic_cli.core.optim import lr_factor
 
     starts, kept = _epoch_states(problem)
     ends = starts[1:] + [problem.total_steps]

@@ -70,7 +70,7 @@ class Run:
         return self.dir.methods_present()
 
     def scores(self, method: str = "magic") -> Scores:
-        from magic_cli.attribute import load_scores
+        from magic_cli.stages.attribute import load_scores
 
         if method not in self.methods():
             raise StageError(f"no {method} scores in {self.root} (have: {', '.join(self.methods()) or 'none'})")
@@ -91,8 +91,8 @@ class Run:
     def ground_truth(self, p: float, output: str = "loss"):
         """(masks bool (m, N), outputs float64 (m, n_test)) of drop fraction p, as merged."""
         from magic_cli.errors import ArtifactError
-        from magic_cli.ground_truth import make_masks
         from magic_cli.run_dir import load_npy, verify
+        from magic_cli.stages.ground_truth import make_masks
 
         path = self.dir.ground_truth_outputs(p, output)
         try:

@@ -18,10 +18,10 @@ def assemble(config: Config):
     """The train.Problem of a validated config."""
     import torch
 
+    from magic_cli.core.optim import build_optimizer
+    from magic_cli.core.problem import Problem, make_grad_fn, make_train_step
     from magic_cli.data import batch_schedule, load_dataset
     from magic_cli.models import build_model
-    from magic_cli.optim import build_optimizer
-    from magic_cli.train import Problem, make_grad_fn, make_train_step
 
     dtype = getattr(torch, config.dtype)
     device = torch.device(config.device)

@@ -58,8 +58,8 @@ def reverse_step_bytes(problem, state, J: int) -> int:
     the J cotangents it takes and returns."""
     import torch
 
-    from magic_cli.metagrad import reverse_step
-    from magic_cli.train import TrainState
+    from magic_cli.core.metagrad import reverse_step
+    from magic_cli.core.problem import TrainState
 
     def run():
         zeros = lambda d: {k: zeros(v) if isinstance(v, dict) else  # noqa: E731
@@ -88,8 +88,8 @@ def plan_groups(problem, state, budget: int, cap: int, share_cap: int, n_ids: in
     Refuses in one line (ConfigError) when not even one test id fits."""
     import torch
 
+    from magic_cli.core.problem import state_size
     from magic_cli.errors import ConfigError
-    from magic_cli.train import state_size
 
     row = problem.dataset.n_train * torch.finfo(problem.dtype).bits // 8  # one id's scores
     cost = lambda J, step: step + J * row  # noqa: E731  (one group: its step peak + its scores)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from magic_cli.core.losses import OUTPUT_FUNCTIONS
+from magic_cli.core.problem import Problem, TrainState, states_equal
 from magic_cli.errors import NonDeterminismError, NonFiniteError
-from magic_cli.train import OUTPUT_FUNCTIONS, Problem, TrainState, states_equal
 
 
 class NonFiniteAdjointError(NonFiniteError):
@@ -89,7 +90,7 @@ def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: st
     """
     import torch
 
-    from magic_cli.replay import ReverseStates
+    from magic_cli.core.replay import ReverseStates
 
     T = problem.total_steps
     start = time.perf_counter()

@@ -25,8 +25,7 @@ import fnmatch
 import math
 from typing import Callable, NamedTuple
 
-OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("constant", "onecycle", "cosine", "warmup_linear", "warmup_constant")
+from magic_cli.names import OPTIMIZERS
 
 
 class Optimizer(NamedTuple):

@@ -29,7 +29,7 @@ import math
 from math import comb
 from typing import Callable, Iterator
 
-STRATEGIES = ("all", "sqrt", "replay", "binomial")
+from magic_cli.names import STRATEGIES
 
 
 def _beta(s: int, r: int) -> int:

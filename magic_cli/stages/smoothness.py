@@ -88,7 +88,7 @@ def _train_one(task: tuple):
     import numpy as np
     import torch
 
-    from magic_cli.ground_truth import _WORKER
+    from magic_cli.stages.ground_truth import _WORKER
 
     problem = _WORKER["problem"]
     i, c = task
@@ -158,9 +158,9 @@ def compute_directions(config, run, todo: list[int], workers: int = 1, progress_
     run's outputs and training seconds, for the summary). Returns the directions written."""
     import numpy as np
 
-    from magic_cli.ground_truth import _run_tasks
     from magic_cli.progress import no_progress
     from magic_cli.run_dir import npz_bytes, save_artifact, status
+    from magic_cli.stages.ground_truth import _run_tasks
 
     sc, output = config.smoothness, config.attribute.output
     tasks = [(None, 0)] + [(i, c) for i in todo for c in (1, 2)]
@@ -341,7 +341,7 @@ def table_lines(result: dict) -> list[str]:
 
 
 def _sweep_plot(rows: list[dict], pick: int) -> bytes:
-    from magic_cli.report import _figure_bytes, _pyplot
+    from magic_cli.stages.score import _figure_bytes, _pyplot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2), layout="constrained")
