@@ -1,20 +1,35 @@
 """magic: exact data attribution by differentiating through training (MAGIC).
 
-The package reads as the pipeline it implements:
+The layers, each importing only the ones below it (tests/test_structure.py keeps it so):
 
-    config -> (plugins) -> data -> models -> optim -> assemble -> train -> replay -> metagrad
-           -> ground_truth -> metrics -> report          (contracts: the types they share;
-                                                          run_dir: every artifact; results: reading them)
+    cli.py, api.py      the faces: the Typer commands and the Python API, thin over the stages
+    stages/             one module per command: read + verify inputs, call the core, write;
+                        each returns a frozen, typed result (TrainResult, AttributeResult, ...)
+    run_dir.py          every path inside a run directory, sidecars, locks (storage.py: bytes on disk)
+    launcher.py         SLURM job arrays; workers.py: local processes; plots.py: figures
+    config.py           compose + validate the Hydra config; plugins.py: user code enters here
+    core/               the computation, no files: losses, the pure step and Problem, optimizers,
+                        checkpoint schedules, the reverse pass, the methods, metrics
+    models/ data/       registries: name -> builder
+    names.py, contracts.py, errors.py, readers.py, ...   the leaves
 
-`cli.py` is a thin Typer front over these modules. torch is imported inside
-functions of the modules that need it, never here, so `magic --help` is instant.
+The Python API is this package's face: magic_cli.compose(...), magic_cli.train(cfg), ... (see
+api.py). They are imported on first use, so `import magic_cli` (and `magic --help`) stays instant.
 """
 
 __version__ = "0.1.0"
 
+_API = ("compose", "train", "attribute", "retrain_ground_truth", "score", "smoothness", "smoothness_sweep",
+        "load_run")
 
-def load_run(root):
-    """Read a run directory from Python: see magic_cli.stages.results (imports torch only when needed)."""
-    from magic_cli.stages.results import load_run as _load_run
 
-    return _load_run(root)
+def __getattr__(name: str):
+    if name in _API:
+        from magic_cli import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'magic_cli' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_API])

@@ -1,7 +1,8 @@
 """The `magic` command line: a thin Typer front over the library.
 
 Each command composes the config (conf/ + Hydra overrides) -> validates it -> calls ONE
-library function -> prints where the artifacts went. No math and no file names here.
+function of the Python API (api.py) -> prints what it returned and where the artifacts went.
+No math and no file names here.
 Errors a user can fix are one line on stderr and exit code 2; torch is imported inside
 the commands so `magic --help` answers at once.
 """
@@ -38,7 +39,7 @@ def _fail(message: str, code: int = 2):
 
 
 def _load(overrides, config_dir):
-    from magic_cli.config import ConfigError, load
+    from magic_cli.config import ConfigError, load  # = magic_cli.compose, without importing the stages (torch)
 
     try:
         return load(list(overrides or []), str(config_dir) if config_dir else None)
@@ -89,24 +90,21 @@ def _console():
 @app.command()
 def train(overrides: Overrides = None, config_dir: ConfigDir = None, overwrite: Overwrite = False):
     """Train the model deterministically and store the checkpoints the reverse pass needs."""
+    from magic_cli import api
     from magic_cli.progress import rich_progress
-    from magic_cli.run_dir import RunDir
-    from magic_cli.stages.train import train_stage
 
     cfg = _load(overrides, config_dir)
-    run = RunDir(cfg.out_dir)
-    metrics = _run("train", train_stage, cfg, run, list(overrides or []), overwrite=overwrite,
-                   progress_factory=rich_progress)
-    if metrics["status"] == "already":
-        typer.echo(f"already trained in {run.root} (same config, every file verified); pass --overwrite to "
+    result = _run("train", api.train, cfg, overwrite=overwrite, progress=rich_progress)
+    if result.status == "already":
+        typer.echo(f"already trained in {cfg.out_dir} (same config, every file verified); pass --overwrite to "
                    "train again")
         return
-    if metrics["repaired"]:
-        _console().print(f"repaired {', '.join(metrics['repaired'])} (retrained; the intact files were "
+    if result.repaired:
+        _console().print(f"repaired {', '.join(result.repaired)} (retrained; the intact files were "
                          "reproduced bit for bit)")
-    _console().print(f"test accuracy [bold]{metrics['test_accuracy']:.4f}[/]  test loss {metrics['test_loss']:.4f}  "
-                     f"{metrics['steps']} steps in {metrics['train_seconds']:.2f}s")
-    typer.echo(f"wrote {run.train_dir}")
+    _console().print(f"test accuracy [bold]{result.test_accuracy:.4f}[/]  test loss {result.test_loss:.4f}  "
+                     f"{result.steps} steps in {result.train_seconds:.2f}s")
+    typer.echo(f"wrote {result.train_dir}")
 
 
 @app.command()
@@ -120,23 +118,21 @@ def attribute(
         show_default=False)] = None,
 ):
     """Scores d f_j / d w_i for the test ids: exact MAGIC (the reverse pass through training) or a baseline."""
+    from magic_cli import api
     from magic_cli.progress import rich_progress
-    from magic_cli.run_dir import RunDir
-    from magic_cli.stages.attribute import attribute_stage
 
     cfg = _load(list(overrides or []) + ([f"attribute.method={method}"] if method else []), config_dir)
-    run = RunDir(cfg.out_dir)
-    side = _run("attribute", attribute_stage, cfg, run, test_ids, overwrite=overwrite, progress_factory=rich_progress)
-    extra = f", peak {side['peak_states']} states, checkpoint={side['checkpoint']['name']}" \
-        if side["method"] == "magic" and side["ids_computed"] else ""
-    _console().print(f"{side['method']}: {len(side['test_ids'])} test ids ({side['ids_computed']} computed) in "
-                     f"{side['seconds']:.2f}s{extra}")
-    if side["grown_ids"]:
-        ids = ", ".join(map(str, side["grown_ids"][:8])) + (" ..." if len(side["grown_ids"]) > 8 else "")
-        _console().print(f"[yellow]warning:[/] the adjoint grew {side['adjoint_growth']:.1e}x over the reverse pass "
+    result = _run("attribute", api.attribute, cfg, test_ids, overwrite=overwrite, progress=rich_progress)
+    extra = f", peak {result.peak_states} states, checkpoint={result.checkpoint}" \
+        if result.peak_states and result.ids_computed else ""
+    _console().print(f"{result.method}: {len(result.test_ids)} test ids ({result.ids_computed} computed) in "
+                     f"{result.seconds:.2f}s{extra}")
+    if result.grown_ids:
+        ids = ", ".join(map(str, result.grown_ids[:8])) + (" ..." if len(result.grown_ids) > 8 else "")
+        _console().print(f"[yellow]warning:[/] the adjoint grew {result.adjoint_growth:.1e}x over the reverse pass "
                          f"(test ids {ids}): training amplifies perturbations, so expect a low LDS; "
                          "`magic smoothness` measures it before attribution")
-    typer.echo(f"wrote {run.scores_npy(side['method'])} {tuple(side['shape'])} ({side['merged_ids']} test ids)")
+    typer.echo(f"wrote {result.scores_path} {result.shape} ({result.merged_ids} test ids)")
 
 
 @app.command("retrain-ground-truth")
@@ -154,24 +150,22 @@ def retrain_ground_truth(
 ):
     """Retrain on random subsets (ground_truth.drop_fractions x num_subsets); resumable and shardable;
     on a SLURM cluster with launcher=slurm."""
+    from magic_cli import api
     from magic_cli.progress import rich_progress
-    from magic_cli.run_dir import RunDir
-    from magic_cli.stages.ground_truth import ground_truth_stage
 
     cfg = _load(overrides, config_dir)
-    run = RunDir(cfg.out_dir)
-    res = _run("retrain-ground-truth", ground_truth_stage, cfg, run, shard=shard, workers=workers,
-               progress_factory=rich_progress, merge_only=merge_only)
-    if res["redone"]:
-        _console().print(f"{res['redone']} damaged or out-of-date subsets were retrained")
+    res = _run("retrain-ground-truth", api.retrain_ground_truth, cfg, workers=workers, shard=shard,
+               merge_only=merge_only, progress=rich_progress)
+    if res.redone:
+        _console().print(f"{res.redone} damaged or out-of-date subsets were retrained")
     where = "on the cluster" if cfg.launcher.name == "slurm" else f"with {workers} worker{'s' if workers > 1 else ''}"
-    rate = f" ({res['per_minute']:.1f} subsets/min {where})" if res["per_minute"] else ""
-    _console().print(f"retrained {res['done']} subsets in {res['seconds']:.1f}s{rate}")
-    if res["missing"]:
-        _console().print(f"{res['missing']} subsets are still missing: run `magic retrain-ground-truth` "
+    rate = f" ({res.per_minute:.1f} subsets/min {where})" if res.per_minute else ""
+    _console().print(f"retrained {res.done} subsets in {res.seconds:.1f}s{rate}")
+    if res.missing:
+        _console().print(f"{res.missing} subsets are still missing: run `magic retrain-ground-truth` "
                          f"{'without --merge-only ' if merge_only else ''}to retrain them")
-    merged = ", ".join(f"{p:g}" for p in res["merged"]) or "none yet"
-    typer.echo(f"wrote {run.root / 'ground_truth'} (complete drop fractions: {merged})")
+    merged = ", ".join(f"{p:g}" for p in res.merged) or "none yet"
+    typer.echo(f"wrote {res.folder} (complete drop fractions: {merged})")
 
 
 @app.command()
@@ -182,21 +176,34 @@ def score(
                               "whose bits differ.")] = False,
 ):
     """LDS of every attribution method against the ground truth; writes report/."""
-    from magic_cli.run_dir import RunDir
-    from magic_cli.stages.score import low_lds_lines, rich_table, score_stage
-
-    cfg = _load(overrides, config_dir)
-    run = RunDir(cfg.out_dir)
-    result = _run("score", score_stage, cfg, run, mix_devices=mix_devices)
     from rich.console import Console
 
-    Console().print(rich_table(result))
-    for line in low_lds_lines(result):
+    from magic_cli import api
+
+    cfg = _load(overrides, config_dir)
+    result = _run("score", api.score, cfg, mix_devices=mix_devices)
+    Console().print(_lds_table(result))
+    for line in result.low_lds_lines():
         _console().print(f"[yellow]low LDS:[/] {line}")
-    if result["missing_drop_fractions"]:
-        _console().print("no ground truth yet for drop " + ", ".join(f"{p:g}" for p in result["missing_drop_fractions"])
+    if result.missing_drop_fractions:
+        _console().print("no ground truth yet for drop " + ", ".join(f"{p:g}" for p in result.missing_drop_fractions)
                          + " (run `magic retrain-ground-truth`)")
-    typer.echo(f"wrote {run.report_dir / 'report.md'}")
+    typer.echo(f"wrote {result.report_dir / 'report.md'}")
+
+
+def _lds_table(result):
+    """The terminal table of a ScoreResult: one row per method x drop fraction."""
+    from rich.table import Table
+
+    table = Table(title=f"LDS ({result.output} output, Spearman over retrained subsets)")
+    for col in ("method", "drop", "LDS", "95% CI", "n", "pearson", "slope", "sec"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    for method, per_drop in result.lds.items():
+        secs = result.seconds.get(method)
+        for p, s in per_drop.items():
+            table.add_row(method, f"{p:g}", f"{s.mean:.3f}", f"{s.ci_low:.3f}-{s.ci_high:.3f}", str(s.n_test),
+                          f"{s.pearson:.3f}", f"{s.slope:.3f}", f"{secs:.1f}" if secs is not None else "-")
+    return table
 
 
 @app.command()
@@ -210,32 +217,29 @@ def smoothness(
 ):
     """Will MAGIC work here? The metasmoothness S of training in the data weights (no metagradient),
     over the parameters and the test outputs, with a verdict; --sweep searches recipes."""
+    from magic_cli import api
     from magic_cli.progress import rich_progress
-    from magic_cli.run_dir import RunDir
-    from magic_cli.stages.smoothness import VERDICTS, smoothness_stage, sweep_stage
+    from magic_cli.stages.smoothness import VERDICTS
 
     if sweep:
-        res = _run("smoothness", sweep_stage, list(overrides or []), str(config_dir) if config_dir else None,
-                   workers, progress_factory=rich_progress)
-        from magic_cli.stages.smoothness import recommendation_reason, table_lines
-
+        res = _run("smoothness", api.smoothness_sweep, list(overrides or []), config_dir, workers,
+                   progress=rich_progress)
         typer.echo("metasmoothness S over the test outputs (± over directions), over the parameters, accuracy; "
                    "* on the Pareto front")
-        for line in table_lines(res):
+        for line in res.table_lines():
             typer.echo(line)
-        _console().print(recommendation_reason(res))
-        typer.echo(f"recommended: {res['recommended']}")
-        typer.echo(f"wrote {res['folder']}/sweep.md (and sweep.csv, sweep.png)")
+        _console().print(res.recommendation_reason())
+        typer.echo(f"recommended: {res.recommended}")
+        typer.echo(f"wrote {res.folder}/sweep.md (and sweep.csv, sweep.png)")
         return
     cfg = _load(overrides, config_dir)
-    run = RunDir(cfg.out_dir)
-    res = _run("smoothness", smoothness_stage, cfg, run, workers, progress_factory=rich_progress)
-    so, sp = res["S_outputs"], res["S_params"]
-    _console().print(f"S over test outputs [bold]{so['mean']:.3f}[/] ± {so['std']:.3f}, over parameters "
-                     f"{sp['mean']:.3f} ± {sp['std']:.3f} ({res['directions']} directions, h={res['h']}); "
-                     f"test accuracy {res['test_accuracy']:.4f}, train {res['train_seconds']:.2f}s")
-    typer.echo(VERDICTS[res["verdict"]])
-    typer.echo(f"wrote {run.smoothness_summary}")
+    res = _run("smoothness", api.smoothness, cfg, workers, progress=rich_progress)
+    so, sp = res.s_outputs, res.s_params
+    _console().print(f"S over test outputs [bold]{so.mean:.3f}[/] ± {so.std:.3f}, over parameters "
+                     f"{sp.mean:.3f} ± {sp.std:.3f} ({res.directions} directions, h={res.h}); "
+                     f"test accuracy {res.test_accuracy:.4f}, train {res.train_seconds:.2f}s")
+    typer.echo(VERDICTS[res.verdict])
+    typer.echo(f"wrote {res.summary_path}")
 
 
 @config_app.command("show")

@@ -206,6 +206,11 @@ class AttributeConfig:
                f"got {self.memory!r}")
         _check(self.replay_groups >= 0, f"attribute.replay_groups must be >= 0, got {self.replay_groups}")
 
+    @property
+    def memory_bytes(self) -> int | None:
+        """attribute.memory in bytes (None: no budget)."""
+        return parse_bytes(self.memory) if self.memory is not None else None
+
 
 @dataclass(frozen=True)
 class GroundTruthConfig:
@@ -290,6 +295,7 @@ class Config:
     smoothness: SmoothnessConfig = field(default_factory=SmoothnessConfig)
     plugins: tuple = ()  # user plugins (.py files or module names) that register models and datasets
     raw: dict = field(repr=False, compare=False, default_factory=dict)
+    overrides: tuple = field(repr=False, compare=False, default=())  # as given to compose (train records them)
 
     def __post_init__(self):
         from magic_cli.data import DATASETS
@@ -392,7 +398,7 @@ def _build(cls, data: Any, prefix: str):
     """Build dataclass `cls` from a plain dict, refusing unknown keys by their dotted name."""
     _check(isinstance(data, dict), f"{prefix} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "raw"]
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in ("raw", "overrides")]
     kwargs = {}
     for key, value in data.items():
         _check(key in names, f"unknown key {prefix}{key}; valid keys: {', '.join(prefix + n for n in names)}")
@@ -410,7 +416,7 @@ def _build(cls, data: Any, prefix: str):
             raise ConfigError(f"{prefix}{key} must be a finite number, got {value!r}")
         kwargs[key] = value
     missing = [f.name for f in dataclasses.fields(cls)
-               if f.name not in kwargs and f.name != "raw"
+               if f.name not in kwargs and f.name not in ("raw", "overrides")
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     _check(not missing, f"missing key {prefix}{missing[0] if missing else ''}")
     try:
@@ -581,7 +587,15 @@ def load(overrides: list[str] | tuple = (), config_dir: str | None = None) -> Co
         raw = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError(" ".join(str(e).split())) from None
-    return from_dict(raw)
+    return dataclasses.replace(from_dict(raw), overrides=tuple(overrides))
+
+
+def with_values(config: Config, dotlist: list[str]) -> Config:
+    """The config with some values replaced (`attribute.method=trak`), validated again."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.create(config.raw), OmegaConf.from_dotlist(list(dotlist)))
+    return dataclasses.replace(from_dict(OmegaConf.to_container(merged, resolve=True)), overrides=config.overrides)
 
 
 def from_dict(raw: dict) -> Config:

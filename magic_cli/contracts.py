@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the contracts are read by config validation, which must not
     from torch import Generator, Tensor
 
 TensorDict = dict  # str -> Tensor
+IGNORE = -100  # a target that is not supervised (padding, prompt tokens): Hugging Face's label convention
 
 
 @dataclass

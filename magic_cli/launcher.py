@@ -1,4 +1,6 @@
-"""launcher=slurm: a stage's independent pieces of work as one SLURM job array, through submitit.
+"""launcher=slurm: independent pieces of work as one SLURM job array, through submitit. A generic
+executor: it runs a picklable function over pieces and knows no stage (each stage forms its
+pieces, says when one is done, and gives the function an array task runs).
 
     <launcher.folder>/<run name>/<stage>/jobs.json    piece -> the job id that last took it
     <launcher.folder>/<run name>/<stage>/<job id>_*   submitit's job files and the tasks' logs
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 from magic_cli.errors import ConfigError, StageError
+from magic_cli.progress import no_progress
+from magic_cli.run_dir import save_json
 
 # sacct's states of a job that is still queued or running; any other state means it has ended.
 SLURM_ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
@@ -83,10 +87,6 @@ def run_pieces(config, stage: str, pieces: list[Piece], fn: Callable, is_done: C
     until each is done or has failed launcher.max_retries + 1 times. Returns None, or one line
     saying what failed for good. `count()` is the progress (e.g. finished subsets) out of `total`."""
     import submitit
-
-    from magic_cli.progress import no_progress
-    from magic_cli.run_dir import save_json
-
     lc = config.launcher
     folder = job_folder(config, stage)
     folder.mkdir(parents=True, exist_ok=True)
@@ -147,99 +147,3 @@ def run_pieces(config, stage: str, pieces: list[Piece], fn: Callable, is_done: C
     first = next(iter(failed))
     return (f"{len(failed)} of {len(pieces)} array tasks failed after {lc.max_retries} retries "
             f"({first}: {failed[first]}); logs in {folder}; what finished is kept and merged, rerun to retry")
-
-
-# --- the stages' pieces ----------------------------------------------------------------------
-
-def retrain_on_slurm(config, run, plan, label: str, progress_factory=None) -> tuple[int, str | None]:
-    """Ground truth: one array task per launcher.blocks_per_task blocks of plan.todo. Returns (subsets
-    written, None or the line saying what failed for good)."""
-    from magic_cli.run_dir import status
-
-    n = config.launcher.blocks_per_task
-    chunks = [plan.todo[i:i + n] for i in range(0, len(plan.todo), n)]
-    pieces = [Piece("+".join(f"drop_{t.p:g}/block_{t.ks[0] // len(t.ks)}" for t in chunk),
-                    ([(t.p, list(t.ks)) for t in chunk],)) for chunk in chunks]
-    keys = {piece.key: [(t.p, k) for t in chunk for k in t.ks if (t.p, k) in plan.write]
-            for piece, chunk in zip(pieces, chunks)}
-
-    def ok(key) -> bool:
-        return status(run.subset(*key), plan.identities[key]) == "ok"
-
-    before = sum(map(ok, plan.write))
-    failed = run_pieces(config, "ground_truth", pieces, ground_truth_job, lambda piece: all(map(ok, keys[piece.key])),
-                        lambda: sum(map(ok, plan.write)), len(plan.write), label, progress_factory)
-    return sum(map(ok, plan.write)) - before, failed
-
-
-def ground_truth_job(cwd: str, raw: dict, tasks: list) -> int:
-    """The body of one array task: retrain its blocks and write their subsets."""
-    from magic_cli.config import from_dict
-    from magic_cli.run_dir import RunDir
-    from magic_cli.stages.ground_truth import Task, retrain_tasks_here
-
-    os.chdir(cwd)
-    config = from_dict(raw)
-    return retrain_tasks_here(config, RunDir(config.out_dir), [Task(p, tuple(ks)) for p, ks in tasks])
-
-
-def attribute_on_slurm(config, run, key: dict, groups: list[list[int]], progress_factory=None) -> str | None:
-    """Attribution: one array task per group of attribute.batch_size test ids (the groups of a local
-    run, so the bytes are a local run's). Returns None or the line saying what failed for good."""
-    from magic_cli.run_dir import status
-
-    method = config.attribute.method
-
-    def ok(i: int) -> bool:
-        return status(run.test_scores(method, i), {**key, "test_id": i}) == "ok"
-
-    pieces = [Piece(f"ids_{g[0]}-{g[-1]}_{len(g)}", (g,)) for g in groups]
-    ids = [i for g in groups for i in g]
-    return run_pieces(config, "attribute", pieces, attribute_job, lambda piece: all(map(ok, piece.args[0])),
-                      lambda: sum(map(ok, ids)), len(ids), f"{method} on the cluster", progress_factory)
-
-
-def attribute_job(cwd: str, raw: dict, ids: list[int]) -> int:
-    """The body of one array task: attribute one group of test ids here (and merge, under the lock)."""
-    import dataclasses
-
-    from magic_cli.config import from_dict
-    from magic_cli.run_dir import RunDir
-    from magic_cli.stages.attribute import attribute_stage
-
-    os.chdir(cwd)
-    config = from_dict(raw)
-    # Exactly this group, as the submitting command formed it (with attribute.memory, from its measurement).
-    here = dataclasses.replace(config, launcher=dataclasses.replace(config.launcher, name="local"),
-                               attribute=dataclasses.replace(config.attribute, batch_size=len(ids), memory=None))
-    return attribute_stage(here, RunDir(config.out_dir), ",".join(map(str, ids)))["ids_computed"]
-
-
-def smoothness_on_slurm(config, run, todo: list[int], progress_factory=None) -> str | None:
-    """Smoothness: one array task per direction of `todo` (each trains the base run, w + h v and
-    w + 2h v) and one for the base run's outputs. Returns None or the line saying what failed."""
-    from magic_cli.run_dir import status
-    from magic_cli.stages.smoothness import identity
-
-    def ok(i) -> bool:
-        path = run.smoothness_base if i is None else run.smoothness_direction(i)
-        return status(path, identity(config, i)) == "ok"
-
-    pieces = [Piece("base", (None,))] + [Piece(f"direction_{i}", (i,)) for i in todo]
-    return run_pieces(config, "smoothness", pieces, smoothness_job, lambda piece: ok(piece.args[0]),
-                      lambda: sum(ok(p.args[0]) for p in pieces), len(pieces), "smoothness on the cluster",
-                      progress_factory)
-
-
-def smoothness_job(cwd: str, raw: dict, direction: int | None) -> int:
-    """The body of one array task: one direction (or, for None, the base run only)."""
-    from magic_cli.config import from_dict
-    from magic_cli.run_dir import RunDir
-    from magic_cli.stages.smoothness import compute_directions
-
-    os.chdir(cwd)
-    config = from_dict(raw)
-    run = RunDir(config.out_dir)
-    with run.lock(exclusive=False):
-        todo = [] if direction is None else [direction]
-        return compute_directions(config, run, todo, 1, write_base=direction is None)

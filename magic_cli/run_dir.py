@@ -24,6 +24,7 @@ Tensors are loaded with weights_only=True only; nothing is pickled or imported.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ import socket
 import uuid
 from pathlib import Path
 
+from magic_cli.config import diff_keys
 from magic_cli.core.replay import root_boundaries
 from magic_cli.errors import ArtifactError, StageError  # noqa: F401  (StageError is re-exported)
 from magic_cli.storage import (  # noqa: F401  (the stages save and load through run_dir)
@@ -307,8 +309,12 @@ class RunDir:
         return sorted(p.name for p in base.iterdir() if (p / "scores.json").is_file()) if base.is_dir() else []
 
     # ground_truth/drop_<p>/
+    @property
+    def ground_truth_root(self) -> Path:
+        return self.root / "ground_truth"
+
     def ground_truth_dir(self, p: float) -> Path:
-        return self.root / "ground_truth" / f"drop_{p:g}"
+        return self.ground_truth_root / f"drop_{p:g}"
 
     def masks(self, p: float) -> Path:
         return self.ground_truth_dir(p) / "masks.npy"
@@ -339,6 +345,10 @@ class RunDir:
     @property
     def report_dir(self) -> Path:
         return self.root / "report"
+
+    def report_file(self, name: str) -> Path:
+        """A file of report/: lds.csv, summary.json, report.md, lds_vs_drop.png, scatter_<method>_<p>.png."""
+        return self.report_dir / name
 
     # --- ownership, locking, cleaning ---------------------------------------------------------
 
@@ -388,7 +398,6 @@ class RunDir:
 
     def require_trained(self, config) -> dict:
         """The finished-training record of this run, checked against the config's fingerprint."""
-        from magic_cli.config import diff_keys
 
         self.check_marker()
         if not self.fingerprint_json.is_file():
@@ -410,7 +419,6 @@ class RunDir:
     def lock(self, exclusive: bool):
         """Hold the run: exclusively (train, after claim) or shared (every later stage, on a run
         directory only). Never waits."""
-        import fcntl
 
         if not exclusive:
             self.check_marker()

@@ -435,24 +435,24 @@ def test_yaml_syntax_error_names_the_users_file_and_line(cli, tmp_path):
 def test_out_of_gpu_memory_names_the_setting_to_lower(cli, reference, tmp_path, monkeypatch):
     import torch
 
-    import magic_cli.core.metagrad
+    import magic_cli.core.methods
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(magic_cli.core.metagrad, "reverse_pass", oom)
+    monkeypatch.setattr(magic_cli.core.methods, "reverse_pass", oom)
     run = copy_run(reference, tmp_path)
     code, _, err = cli("attribute", "--test-ids", "7", *ARGS, f"out_dir={run}")
     one_line_error(code, err, "out of GPU memory", "attribute.batch_size")
 
 
 def test_an_internal_error_keeps_its_traceback(cli, reference, tmp_path, monkeypatch):
-    import magic_cli.core.metagrad
+    import magic_cli.core.methods
 
     def bug(*args, **kwargs):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(magic_cli.core.metagrad, "reverse_pass", bug)
+    monkeypatch.setattr(magic_cli.core.methods, "reverse_pass", bug)
     run = copy_run(reference, tmp_path)
     with pytest.raises(ValueError, match="an internal bug"):
         cli("attribute", "--test-ids", "7", *ARGS, f"out_dir={run}")

@@ -29,16 +29,21 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import torch
+from torch.func import grad, vmap
+
 from magic_cli.core.losses import OUTPUT_FUNCTIONS
+from magic_cli.core.optim import lr_factor
 from magic_cli.core.problem import Problem, TrainState
+from magic_cli.determinism import generator
 from magic_cli.errors import ConfigError
+from magic_cli.models.layers import Taps
 
 CHUNK = 256  # examples per vmap(grad) call
 
 
 def per_example_grads(problem: Problem, state: TrainState, x, y, fn: Callable, chunk: int = CHUNK):
     """Yield (start, {param: (n, *shape)}) per-example gradients of fn(logits, y) in eval mode."""
-    from torch.func import grad, vmap
 
     def single(params, xi, yi):
         logits, _ = problem.model.apply(params, state.buffers, xi[None], train=False)
@@ -50,14 +55,12 @@ def per_example_grads(problem: Problem, state: TrainState, x, y, fn: Callable, c
 
 
 def _flat(grads: dict):
-    import torch
 
     return torch.cat([g.flatten(1).double() for g in grads.values()], dim=1)  # (n, P)
 
 
 def _grad_dot(problem: Problem, state: TrainState, test_ids, output: str):
     """(N, J) float64: <grad l_i, grad f_j> at `state`."""
-    import torch
 
     ds = problem.dataset
     ids = torch.as_tensor(test_ids, device=problem.device)
@@ -96,7 +99,6 @@ def _epoch_states(problem: Problem) -> tuple[list[int], dict]:
 
 
 def tracin(problem: Problem, final: TrainState, test_ids, output: str, options: dict):
-    from magic_cli.core.optim import lr_factor
 
     starts, kept = _epoch_states(problem)
     ends = starts[1:] + [problem.total_steps]
@@ -112,10 +114,6 @@ def tracin(problem: Problem, final: TrainState, test_ids, output: str, options: 
 
 def trak_projection(params: dict, proj_dim: int, seed: int, model_index: int) -> dict:
     """The random Gaussian projection, one (numel, proj_dim) block per parameter, / sqrt(proj_dim)."""
-    import torch
-
-    from magic_cli.determinism import generator
-
     return {k: torch.randn(v.numel(), proj_dim, generator=generator(seed, "trak", model_index, k),
                            dtype=torch.float64).to(v.device) / math.sqrt(proj_dim)
             for k, v in params.items()}
@@ -126,7 +124,6 @@ def _project(grads: dict, projection: dict):
 
 
 def _correct_prob(problem: Problem, state: TrainState, x, y):
-    import torch
 
     with torch.no_grad():
         logits, _ = problem.model.apply(state.params, state.buffers, x, train=False)
@@ -135,7 +132,6 @@ def _correct_prob(problem: Problem, state: TrainState, x, y):
 
 
 def trak(problem: Problem, final: TrainState, test_ids, output: str, options: dict):
-    import torch
 
     ds = problem.dataset
     ids = torch.as_tensor(test_ids, device=problem.device)
@@ -187,10 +183,6 @@ def _layer_factors(problem: Problem, state: TrainState, layers: list[str], chunk
     g[y] is the gradient of loss(logits, y) with respect to the layer's output, for every label y:
     expectations over y ~ p give the true Fisher exactly.
     """
-    import torch
-
-    from magic_cli.models.layers import Taps
-
     ds = problem.dataset
     for start in range(0, ds.n_train, chunk):
         x = ds.x_train[start:start + chunk]
@@ -214,7 +206,6 @@ def _layer_factors(problem: Problem, state: TrainState, layers: list[str], chunk
 
 def ekfac_factors(problem: Problem, state: TrainState) -> dict:
     """{layer: (Q_A, Q_G, Lambda)} with Lambda (out, in+1) the refit eigenvalues."""
-    import torch
 
     layers = _linear_layers(state.params)
     n = problem.dataset.n_train
@@ -237,7 +228,6 @@ def ekfac_factors(problem: Problem, state: TrainState) -> dict:
 
 def _layer_matrix(grads: dict, name: str):
     """Per-example gradients of a linear layer as (n, out, in[+1]) with the bias as the last column."""
-    import torch
 
     w = grads[f"{name}.weight"].double()
     b = grads.get(f"{name}.bias")
@@ -245,7 +235,6 @@ def _layer_matrix(grads: dict, name: str):
 
 
 def ekfac(problem: Problem, final: TrainState, test_ids, output: str, options: dict):
-    import torch
 
     ds = problem.dataset
     ids = torch.as_tensor(test_ids, device=problem.device)
@@ -265,5 +254,3 @@ def ekfac(problem: Problem, final: TrainState, test_ids, output: str, options: d
             out[start:start + m.shape[0]] += torch.einsum("noi,joi->nj", m, ihvp[name])
     return -out / ds.n_train
 
-
-BASELINES: dict[str, Callable] = {"grad-dot": grad_dot, "tracin": tracin, "trak": trak, "ekfac": ekfac}

@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from magic_cli.contracts import IGNORE
 from magic_cli.names import LOSS_REDUCTIONS, OUTPUTS
-
-IGNORE = -100  # a target that is not supervised (padding, prompt tokens): Hugging Face's label convention
 
 
 def token_losses(logits, y):
@@ -55,5 +54,5 @@ def per_example_correct(logits, y):
 
 OUTPUT_FUNCTIONS = {"loss": per_example_loss, "margin": per_example_margin}
 assert tuple(OUTPUT_FUNCTIONS) == OUTPUTS
-__all__ = ["IGNORE", "LOSS_REDUCTIONS", "OUTPUT_FUNCTIONS", "per_example_loss", "per_example_margin",
+__all__ = ["LOSS_REDUCTIONS", "OUTPUT_FUNCTIONS", "per_example_loss", "per_example_margin",
            "per_example_correct", "token_losses"]

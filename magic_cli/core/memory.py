@@ -18,12 +18,17 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from magic_cli.core.metagrad import reverse_step
+from magic_cli.core.problem import TrainState, state_size
+from magic_cli.errors import ConfigError
+
 
 def peak_tensor_bytes(fn) -> int:
     """The most bytes of tensor storage created by fn() alive at once while it runs."""
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
 
     class PeakBytes(TorchDispatchMode):
         def __init__(self):
@@ -56,11 +61,6 @@ def peak_tensor_bytes(fn) -> int:
 def reverse_step_bytes(problem, state, J: int) -> int:
     """Peak tensor bytes of one reverse step at `state` (step 0's batch) for J test ids, counting
     the J cotangents it takes and returns."""
-    import torch
-
-    from magic_cli.core.metagrad import reverse_step
-    from magic_cli.core.problem import TrainState
-
     def run():
         zeros = lambda d: {k: zeros(v) if isinstance(v, dict) else  # noqa: E731
                            torch.zeros((J, *v.shape), dtype=v.dtype, device=v.device) for k, v in d.items()}
@@ -86,11 +86,6 @@ def plan_groups(problem, state, budget: int, cap: int, share_cap: int, n_ids: in
     """The largest group size <= cap whose reverse pass fits in `budget` bytes, and how many such
     groups one shared replay can hold (each further group keeps its cotangents and scores).
     Refuses in one line (ConfigError) when not even one test id fits."""
-    import torch
-
-    from magic_cli.core.problem import state_size
-    from magic_cli.errors import ConfigError
-
     row = problem.dataset.n_train * torch.finfo(problem.dtype).bits // 8  # one id's scores
     cost = lambda J, step: step + J * row  # noqa: E731  (one group: its step peak + its scores)
     measured: dict[int, int] = {}

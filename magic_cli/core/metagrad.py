@@ -19,9 +19,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+from torch.func import grad, vjp, vmap
+
 from magic_cli.core.losses import OUTPUT_FUNCTIONS
 from magic_cli.core.problem import Problem, TrainState, states_equal
-from magic_cli.errors import NonDeterminismError, NonFiniteError
+from magic_cli.core.replay import ReverseStates
+from magic_cli.errors import ConfigError, NonDeterminismError, NonFiniteError
 
 
 class NonFiniteAdjointError(NonFiniteError):
@@ -47,15 +51,12 @@ GROWTH_WARN = 1e3
 
 def adjoint_norms(lam: TrainState):
     """|lambda| over the parameters' part of the cotangents, per test id: (J,)."""
-    import torch
 
     return torch.stack([v.flatten(1).double().pow(2).sum(1) for v in lam.params.values()]).sum(0).sqrt()
 
 
 def output_cotangents(problem: Problem, state: TrainState, test_ids, output: str) -> TrainState:
     """d f_j / d s_T for each test id j: a TrainState whose tensors have a leading (J,) dim."""
-    import torch
-    from torch.func import grad, vmap
 
     ids = torch.as_tensor(list(test_ids), device=problem.device)
     x, y = problem.dataset.x_test[ids], problem.dataset.y_test[ids]
@@ -88,10 +89,6 @@ def reverse_pass(problem: Problem, final: TrainState, stored: dict, strategy: st
     strategy's parameter (replay's branching factor, binomial's memory). The final state, and for
     the strategies that recompute, every stored state, is compared bitwise with its recomputation.
     """
-    import torch
-
-    from magic_cli.core.replay import ReverseStates
-
     T = problem.total_steps
     start = time.perf_counter()
     states = ReverseStates(lambda s, t: problem.step(s, t), stored, T, strategy, k)
@@ -144,8 +141,6 @@ def reverse_step(problem: Problem, state: TrainState, t: int, lam: TrainState, n
     `batched_vjp` (compiled_vjp) replaces the latter for several cotangents; the gradient itself
     is then computed as training computes it, so s_{t+1} stays bit-equal to the stored states.
     """
-    import torch
-    from torch.func import vjp, vmap
 
     batch = problem.batch(t)
     idx = problem.schedule[t].to(problem.device)
@@ -177,11 +172,6 @@ def compiled_vjp(problem: Problem):
     elementwise work of the backward-over-backward that dominates the eager step (README,
     `attribute.compile`). Make one per command: it is recompiled for each new shape (a group of
     another size); a failure to compile is one line."""
-    import torch
-    from torch.func import vjp, vmap
-
-    from magic_cli.errors import ConfigError
-
     def fn(params, buffers, x, y, w, cotangents):
         _, pullback = vjp(lambda p, b, w_: problem.grad_fn(p, b, x, y, w_), params, buffers, w)
         return vmap(pullback)(cotangents)
@@ -207,7 +197,6 @@ def compiled_vjp(problem: Problem):
 
 def _grad_vjp_autograd(problem: Problem, state: TrainState, batch, w):
     """grads, new_buffers, and a VJP function for ONE cotangent with a leading dim of 1."""
-    import torch
 
     with torch.enable_grad():
         params = {k: v.detach().requires_grad_() for k, v in state.params.items()}

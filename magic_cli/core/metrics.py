@@ -11,6 +11,7 @@ the predictions are on the right scale). LDS = mean over test examples, with a b
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
 
 
 def predicted_change(scores: np.ndarray, masks: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -25,7 +26,6 @@ def predicted_change(scores: np.ndarray, masks: np.ndarray, weights: np.ndarray 
 
 def per_test_correlations(predicted: np.ndarray, actual: np.ndarray) -> dict[str, np.ndarray]:
     """Spearman, Pearson and slope (actual on predicted) per column of (m, J) arrays."""
-    from scipy import stats
 
     out = {"spearman": [], "pearson": [], "slope": []}
     for j in range(predicted.shape[1]):
@@ -43,7 +43,6 @@ def per_test_correlations(predicted: np.ndarray, actual: np.ndarray) -> dict[str
 
 def mean_with_ci(values: np.ndarray, seed: int = 0, confidence: float = 0.95) -> tuple[float, float, float]:
     """Mean and a percentile-bootstrap CI over the finite values (scipy.stats.bootstrap)."""
-    from scipy import stats
 
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]

@@ -22,8 +22,11 @@ state holds only tensors.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from typing import Callable, NamedTuple
+
+import torch
 
 from magic_cli.names import OPTIMIZERS
 
@@ -66,7 +69,6 @@ def lr_factor(schedule, t: int, total_steps: int) -> float:
 
 def decay_of(weight_decay: float, no_decay: tuple) -> Callable[[str], float]:
     """name -> the weight decay of that parameter: 0 for names matching a no_decay pattern."""
-    import functools
 
     @functools.lru_cache(maxsize=None)
     def wd_of(name: str) -> float:
@@ -84,7 +86,6 @@ def sgd(lr: Callable[[int], float], momentum: float, nesterov: bool, weight_deca
     def init(params):
         if momentum == 0:
             return {}
-        import torch
 
         return {"momentum": {k: torch.zeros_like(p) for k, p in params.items()}}
 
@@ -135,13 +136,11 @@ def adam(lr: Callable[[int], float], betas: tuple, eps: float, eps_root: float,
     wd_of = decay_of(weight_decay, no_decay)
 
     def init(params):
-        import torch
 
         return {"mu": {k: torch.zeros_like(p) for k, p in params.items()},
                 "nu": {k: torch.zeros_like(p) for k, p in params.items()}}
 
     def update(grads, state, params, t):
-        import torch
 
         c1, c2 = 1.0 - b1 ** (t + 1), 1.0 - b2 ** (t + 1)
         new_params, mu, nu = {}, {}, {}
@@ -159,7 +158,6 @@ def adam(lr: Callable[[int], float], betas: tuple, eps: float, eps_root: float,
     def vjp(grads, state, params, t, ct_params, ct_state):
         # With m' = b1*m + (1-b1)*g, v' = b2*v + (1-b2)*g^2, r = sqrt(v'/c2 + eps_root), d = r + eps:
         #   dp'/dm' = -lr/(c1*d)   dp'/dv' = lr*m'/(2*c1*c2*d^2*r)   dp'/dp = 1 - lr*wd
-        import torch
 
         c1, c2 = 1.0 - b1 ** (t + 1), 1.0 - b2 ** (t + 1)
         ct_p, ct_mu, ct_nu, ct_g = {}, {}, {}, {}

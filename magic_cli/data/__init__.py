@@ -8,7 +8,7 @@ statistics of the training split only. The batch schedule is a pure function of
 
 from __future__ import annotations
 
-from magic_cli.contracts import Dataset, DatasetBuilder
+from magic_cli.contracts import IGNORE, Dataset, DatasetBuilder
 from magic_cli.data.cifar import cifar10
 from magic_cli.data.files import arrays, image_folder, table, text_file, token_ids
 from magic_cli.data.tabular import breast_cancer, digits, wine
@@ -79,7 +79,7 @@ def check_dataset(ds, name: str, builder) -> None:
                               f"ids), got {x.dtype}")
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise ConfigError(f"{who}: x_{split} holds NaN or Inf")
-        labels = y[y != -100] if y.dim() > 1 else y  # sequences: -100 marks an unsupervised token
+        labels = y[y != IGNORE] if y.dim() > 1 else y  # sequences: IGNORE marks an unsupervised token
         if labels.numel() and (labels.min() < 0 or labels.max() >= ds.n_classes):
             raise ConfigError(f"{who}: y_{split} holds labels outside 0..{ds.n_classes - 1} (n_classes)")
     if ds.x_train.shape[1:] != ds.x_test.shape[1:] or ds.x_train.dtype != ds.x_test.dtype:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from magic_cli.contracts import IGNORE
 from magic_cli.errors import ConfigError
 from magic_cli.readers import read_arrays, read_image, read_jsonl, read_npz, read_table, read_text
 from magic_cli.storage import npz_bytes, save_bytes, sha256_tree
@@ -235,8 +236,6 @@ def _token_rows(p: str):
     (IGNORE, -100, marks a token that is not supervised, e.g. a prompt)."""
     import numpy as np
 
-    from magic_cli.core.losses import IGNORE
-
     if p.endswith(".jsonl"):
         ids_rows, label_rows = [], []
         for line_no, row in read_jsonl(p, "dataset"):
@@ -298,8 +297,6 @@ def _language(name, parts, seed, test_fraction, vocab_size):
     import torch
 
     from magic_cli.contracts import Dataset
-    from magic_cli.core.losses import IGNORE
-
     if len(parts) == 1:
         train, test = _split(len(parts[0][0]), seed, test_fraction)
         parts = [(parts[0][0][train], parts[0][1][train]), (parts[0][0][test], parts[0][1][test])]

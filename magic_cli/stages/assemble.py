@@ -9,20 +9,20 @@ loop itself (train.py) never looks at the config's files.
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 from magic_cli.config import Config
+from magic_cli.core.optim import build_optimizer
+from magic_cli.core.problem import Problem, make_grad_fn, make_train_step
+from magic_cli.data import batch_schedule, load_dataset
 from magic_cli.errors import ConfigError
+from magic_cli.models import build_model
 from magic_cli.readers import read_npy, read_numbers
 
 
 def assemble(config: Config):
     """The train.Problem of a validated config."""
-    import torch
-
-    from magic_cli.core.optim import build_optimizer
-    from magic_cli.core.problem import Problem, make_grad_fn, make_train_step
-    from magic_cli.data import batch_schedule, load_dataset
-    from magic_cli.models import build_model
-
     dtype = getattr(torch, config.dtype)
     device = torch.device(config.device)
     ds = load_dataset(config.dataset, config.seed, dtype)
@@ -48,7 +48,6 @@ def assemble(config: Config):
 def load_order(path: str, n_train: int, batch_size: int):
     """train.order_file: a .npy int array (T, B) of training-example ids, one row per step,
     used instead of the seeded permutation. B must be train.batch_size; ids in [0, N)."""
-    import numpy as np
 
     order = read_npy(path, "train.order_file")
     if order.ndim != 2 or order.shape[0] < 1:
@@ -66,7 +65,6 @@ def load_order(path: str, n_train: int, batch_size: int):
 def load_data_weights(path: str, n_train: int):
     """train.data_weights: n_train finite, non-negative numbers, not all zero -> float64 (N,), from
     an .npy or a text file with one number a line."""
-    import numpy as np
 
     w = read_numbers(path, "train.data_weights")
     if w.shape != (n_train,) or w.dtype.kind not in "biuf":

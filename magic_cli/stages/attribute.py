@@ -26,20 +26,46 @@ convention scores[i, j] = d f_j / d w_i, so `magic score` treats them alike.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
 import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
-from magic_cli.errors import StageError
+import numpy as np
+
+from magic_cli.config import Config, from_dict, parse_test_ids
+from magic_cli.core import metagrad
+from magic_cli.core.methods import ATTRIBUTORS
+from magic_cli.core.problem import state_size
+from magic_cli.determinism import enable_determinism
+from magic_cli.errors import ArtifactError, StageError
+from magic_cli.launcher import Piece, run_pieces
+from magic_cli.progress import no_progress
+from magic_cli.run_dir import (
+    RunDir,
+    json_text,
+    load_json,
+    load_npy,
+    npy_bytes,
+    remove_artifact,
+    save_artifact,
+    save_json,
+    sha256_bytes,
+    status,
+    valid_record,
+    verify,
+)
 from magic_cli.stages.assemble import assemble
+from magic_cli.stages.checkpoints import checkpoint_param, load_final_and_stored
 
 SIGN = "d output / d weight"
 
 
-def attribute_stage(config, run, test_ids_spec: str, overwrite: bool = False, progress_factory=None) -> dict:
-    """Compute the missing groups of test ids with config.attribute.method; merge; return a summary
-    of this invocation: method, test_ids (requested), ids_computed, seconds, shape of scores.npy, ..."""
-    from magic_cli.determinism import enable_determinism
-
+def attribute_stage(config: Config, run: RunDir, test_ids_spec: str, overwrite: bool = False,
+                    progress_factory=None) -> AttributeResult:
+    """Compute the missing groups of test ids with config.attribute.method; merge; say what was done."""
     # config.py admits only float32/float64: half precision gives meaningless metagradients.
     enable_determinism(config.device, config.threads)
     with run.lock(exclusive=False):
@@ -50,99 +76,88 @@ def attribute_stage(config, run, test_ids_spec: str, overwrite: bool = False, pr
 
 
 def settings_of(config) -> dict:
-    import dataclasses
-
+    """What identifies a folder's scores besides the run: the method, the output, and the method's
+    own settings (compiled MAGIC scores have other last bits than eager ones: never merged)."""
     method = config.attribute.method
-    if method == "magic":  # compiled scores have other last bits than eager ones: never mixed
-        options = {"compile": True} if config.attribute.compile else {}
-    else:
-        chosen = {"trak": config.attribute.trak, "ekfac": config.attribute.ekfac}.get(method)
-        options = dataclasses.asdict(chosen) if chosen else {}
-    return {"method": method, "output": config.attribute.output, "options": options}
+    return {"method": method, "output": config.attribute.output, "options": ATTRIBUTORS[method].settings(config)}
 
 
 def identity(config, record: dict) -> dict:
     """What every artifact of attribute/<method>/ must carry to belong to this run and settings."""
-    from magic_cli.run_dir import json_text, sha256_bytes
 
     settings = sha256_bytes(json_text(settings_of(config)).encode())[:16]
     return {"fingerprint": record["fingerprint"], "settings": settings}
 
 
-def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_factory) -> dict:
-    from magic_cli.config import parse_test_ids
-    from magic_cli.core.baselines import BASELINES
-    from magic_cli.core.metagrad import ReverseStats, reverse_pass
-    from magic_cli.core.problem import state_size
-    from magic_cli.progress import no_progress
-    from magic_cli.run_dir import npy_bytes, save_artifact, status
-    from magic_cli.stages.checkpoints import checkpoint_param, load_final_and_stored
+@dataclass(frozen=True)
+class AttributeResult:
+    """What one `magic attribute` did, and the merged scores it left."""
 
+    method: str
+    output: str
+    test_ids: tuple[int, ...]  # requested, in the order given
+    ids_computed: int  # of them, computed by this command (the others were valid already)
+    seconds: float
+    steps: int  # training steps T
+    batch_size: int  # test ids per group
+    peak_states: int  # training states held at once (MAGIC's reverse pass; 0 for the baselines)
+    forward_steps: int  # training steps recomputed (MAGIC)
+    checkpoint: str  # the strategy used for the stored states
+    scores_path: Path  # attribute/<method>/scores.npy, (N, merged_ids)
+    shape: tuple[int, int]
+    merged_ids: int
+    adjoint_growth: float | None  # the largest growth of the adjoint over the requested ids (MAGIC)
+    grown_ids: tuple[int, ...]  # requested ids whose adjoint grew beyond GROWTH_WARN
+
+
+def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_factory) -> AttributeResult:
     ids = parse_test_ids(test_ids_spec, problem.dataset.n_test)
     settings, key = settings_of(config), identity(config, record)
     method, output = settings["method"], settings["output"]
+    attributor = ATTRIBUTORS[method]
     _prepare_folder(run, method, settings, record["fingerprint"], overwrite)
 
     template = problem.init_state()
-    size, share, plan = config.attribute.batch_size if method == "magic" else len(ids), None, None
-    if method == "magic" and config.attribute.memory is not None:  # as many ids per group as fit
-        from magic_cli.config import parse_bytes
-        from magic_cli.core.memory import plan_groups
-
-        plan = plan_groups(problem, template, parse_bytes(config.attribute.memory), size,
-                           config.attribute.replay_groups, len(ids), config.checkpoint.name != "all")
-        size, share = plan.batch_size, plan.groups_per_pass
+    plan = attributor.plan(config, problem, template, len(ids))
+    size = plan.batch_size
     groups = [ids[i:i + size] for i in range(0, len(ids), size)]
     todo = [g for g in groups if overwrite or any(status(run.test_scores(method, i), {**key, "test_id": i}) != "ok"
                                                   for i in g)]
-    stats = ReverseStats(steps=problem.total_steps)
+    seconds, peak_states, forward_steps = 0.0, 0, 0
     param = checkpoint_param(config, template)  # binomial's memory in bytes -> states
     computed, failed = sum(map(len, todo)), None
     if todo and config.launcher.name == "slurm":  # one array task per group, each writing its own files
-        from magic_cli.launcher import attribute_on_slurm
-
         begin = time.perf_counter()
         failed = attribute_on_slurm(config, run, key, todo, progress_factory)
-        stats.seconds, todo = time.perf_counter() - begin, []
+        seconds, todo = time.perf_counter() - begin, []
     if todo:
         final, stored = load_final_and_stored(problem, run, record)
-        batched_vjp = None
-        if method == "magic" and config.attribute.compile:
-            from magic_cli.core.metagrad import compiled_vjp
-
-            batched_vjp = compiled_vjp(problem)  # one per command: compiled once per group size
+        run_pass = attributor.prepare(problem, final, stored, config, param)
         done = 0
-        for passes in _passes(todo, method, config, share):
+        for passes in attributor.passes(todo, config, plan):
             n_ids = sum(map(len, passes))
             done += n_ids
             label = (f"{method} {n_ids} id{'s' if n_ids > 1 else ''}"
                      f"{f' in {len(passes)} groups' if len(passes) > 1 else ''} ({done}/{sum(map(len, todo))})")
             begin = time.perf_counter()
-            if method == "magic":
+            if attributor.needs_states:  # a walk over the training steps: a progress bar
                 with (progress_factory or no_progress)(label, problem.total_steps) as advance:
-                    results, st = reverse_pass(problem, final, stored, config.checkpoint.name,
-                                               param, passes, output, progress=advance,
-                                               batched_vjp=batched_vjp)
-                stats.peak_states = max(stats.peak_states, st.peak_states)
-                stats.forward_steps += st.forward_steps
-                results = [r.cpu().numpy() for r in results]
-                growth = st.growth
+                    result = run_pass(passes, output, advance)
             else:
-                options = settings["options"]
-                results = [BASELINES[method](problem, final, group, output, options).T.to(problem.dtype).cpu().numpy()
-                           for group in passes]
-                growth = [[None] * len(group) for group in passes]
-            seconds = time.perf_counter() - begin
-            stats.seconds += seconds
-            for group, scores, grown in zip(passes, results, growth):
+                result = run_pass(passes, output)
+            peak_states = max(peak_states, result.peak_states)
+            forward_steps += result.forward_steps
+            pass_seconds = time.perf_counter() - begin
+            seconds += pass_seconds
+            for group, scores, grown in zip(passes, result.scores, result.growth):
                 for j, test_id in enumerate(group):
                     save_artifact(run.test_scores(method, test_id), npy_bytes(scores[j]),
-                                  {**key, "test_id": test_id, "group": group, "seconds": seconds / n_ids,
+                                  {**key, "test_id": test_id, "group": group, "seconds": pass_seconds / n_ids,
                                    "adjoint_growth": grown[j]})
     invocation = {
         "method": method, "output": output, "test_ids": ids, "ids_computed": computed,
-        "seconds": stats.seconds, "peak_states": stats.peak_states, "forward_steps": stats.forward_steps,
-        "steps": problem.total_steps, "batch_size": size, **({"memory": plan.as_dict()} if plan else {}),
+        "seconds": seconds, "peak_states": peak_states, "forward_steps": forward_steps,
+        "steps": problem.total_steps, "batch_size": size, **({"memory": plan.memory.as_dict()} if plan.memory else {}),
         "checkpoint": {"name": config.checkpoint.name, "param": param, "state_bytes": state_size(template),
                        **({"memory": config.checkpoint.memory} if config.checkpoint.name == "binomial" else {})},
     }
@@ -153,30 +168,19 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
     if missing:  # another process replaced one of ours between our write and the merge
         raise StageError(f"test ids {missing[:5]} of {run.attribute_dir(method)} were overwritten while this "
                          "command ran; run it again")
-    from magic_cli.core.metagrad import GROWTH_WARN
-
     grown = dict(zip(side["test_ids"], side["adjoint_growth"]))
     growth = [grown[i] for i in ids if grown.get(i) is not None]
-    return {**invocation, "shape": side["shape"], "merged_ids": len(side["test_ids"]),
-            "adjoint_growth": max(growth) if growth else None,
-            "grown_ids": [i for i in ids if (grown.get(i) or 0) > GROWTH_WARN]}
-
-
-def _passes(todo: list[list[int]], method: str, config, share: int | None = None) -> list[list[list[int]]]:
-    """The groups each reverse pass takes. With a strategy that recomputes states (sqrt, replay,
-    binomial), up to attribute.replay_groups groups (0: all; `share` when attribute.memory chose it)
-    share one replay of training; with `all` (nothing recomputed) and for the baselines, one group
-    per pass, each written as it ends."""
-    share = share or config.attribute.replay_groups or len(todo)
-    if method != "magic" or config.checkpoint.name == "all":
-        share = 1
-    return [todo[i:i + share] for i in range(0, len(todo), share)]
+    return AttributeResult(
+        method=method, output=output, test_ids=tuple(ids), ids_computed=computed, seconds=seconds,
+        steps=problem.total_steps, batch_size=size, peak_states=peak_states, forward_steps=forward_steps,
+        checkpoint=config.checkpoint.name, scores_path=run.scores_npy(method), shape=tuple(side["shape"]),
+        merged_ids=len(side["test_ids"]), adjoint_growth=max(growth) if growth else None,
+        grown_ids=tuple(i for i in ids if (grown.get(i) or 0) > metagrad.GROWTH_WARN))
 
 
 def _prepare_folder(run, method, settings, fingerprint, overwrite) -> None:
     """settings.json names what the folder's per-id files are: scores of another training run are
     deleted (they can never be used), scores of other settings are kept unless --overwrite."""
-    from magic_cli.run_dir import load_json, remove_artifact, save_json
 
     path = run.attribute_settings(method)
     try:
@@ -198,7 +202,6 @@ def _prepare_folder(run, method, settings, fingerprint, overwrite) -> None:
 def merge_lock(run, method: str, exclusive: bool):
     """Serialises merges of attribute/<method>/ (and lets a reader see scores.npy and its sidecar
     as one). Waits: a merge takes well under a second per thousand ids."""
-    import fcntl
 
     folder = run.attribute_dir(method)
     folder.mkdir(parents=True, exist_ok=True)
@@ -212,10 +215,6 @@ def merge_lock(run, method: str, exclusive: bool):
 
 def merge_scores(run, method: str, key: dict, settings: dict, invocation: dict) -> dict:
     """scores.npy (N, n) of every valid per-id file of the folder, ids ascending; its sidecar."""
-    import numpy as np
-
-    from magic_cli.run_dir import load_npy, npy_bytes, save_artifact, save_json, valid_record
-
     with merge_lock(run, method, exclusive=True):
         found = sorted(int(p.stem[len("test_"):]) for p in run.attribute_dir(method).glob("test_*.npy")
                        if p.stem[len("test_"):].isdigit())
@@ -234,8 +233,6 @@ def merge_scores(run, method: str, key: dict, settings: dict, invocation: dict) 
 
 def load_scores(run, method: str, fingerprint: str):
     """(scores (N, n_ids), sidecar) of attribute/<method>/, verified; StageError naming what to run."""
-    from magic_cli.errors import ArtifactError
-    from magic_cli.run_dir import load_npy, verify
 
     with merge_lock(run, method, exclusive=False):
         try:
@@ -246,3 +243,29 @@ def load_scores(run, method: str, fingerprint: str):
             raise StageError(f"attribute/{method} was computed for another training run; rerun `magic attribute "
                              f"--method {method} --overwrite`")
         return load_npy(run.scores_npy(method)), side
+
+
+# --- launcher=slurm: groups of test ids as array tasks -----------------------------------------
+
+def attribute_on_slurm(config, run, key: dict, groups: list[list[int]], progress_factory=None) -> str | None:
+    """Attribution: one array task per group of attribute.batch_size test ids (the groups of a local
+    run, so the bytes are a local run's). Returns None or the line saying what failed for good."""
+    method = config.attribute.method
+
+    def ok(i: int) -> bool:
+        return status(run.test_scores(method, i), {**key, "test_id": i}) == "ok"
+
+    pieces = [Piece(f"ids_{g[0]}-{g[-1]}_{len(g)}", (g,)) for g in groups]
+    ids = [i for g in groups for i in g]
+    return run_pieces(config, "attribute", pieces, attribute_job, lambda piece: all(map(ok, piece.args[0])),
+                      lambda: sum(map(ok, ids)), len(ids), f"{method} on the cluster", progress_factory)
+
+
+def attribute_job(cwd: str, raw: dict, ids: list[int]) -> int:
+    """The body of one array task: attribute one group of test ids here (and merge, under the lock)."""
+    os.chdir(cwd)
+    config = from_dict(raw)
+    # Exactly this group, as the submitting command formed it (with attribute.memory, from its measurement).
+    here = dataclasses.replace(config, launcher=dataclasses.replace(config.launcher, name="local"),
+                               attribute=dataclasses.replace(config.attribute, batch_size=len(ids), memory=None))
+    return attribute_stage(here, RunDir(config.out_dir), ",".join(map(str, ids))).ids_computed

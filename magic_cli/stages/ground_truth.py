@@ -19,21 +19,42 @@ bits depend only on G. G is part of every subset's and merged file's identity.
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from magic_cli.errors import ConfigError, StageError
+import numpy as np
+import torch
+
+from magic_cli.config import Config, from_dict
+from magic_cli.determinism import derive_seed, enable_determinism
+from magic_cli.errors import ArtifactError, ConfigError, NonFiniteError, StageError
+from magic_cli.launcher import Piece, run_pieces
 from magic_cli.names import OUTPUTS
 from magic_cli.progress import no_progress
-from magic_cli.run_dir import status
+from magic_cli.run_dir import (
+    RunDir,
+    load_json,
+    load_npy,
+    load_npz,
+    npy_bytes,
+    npz_bytes,
+    remove_artifact,
+    save_artifact,
+    sha256_bytes,
+    sidecar,
+    status,
+    valid_record,
+    verify,
+)
+from magic_cli.stages.assemble import assemble, load_data_weights
+from magic_cli.workers import run_tasks, take_rank
 
 
 def make_mask(n_train: int, p: float, k: int, seed: int):
     """Mask k of drop fraction p: bool (N,), False for the round(p*N) dropped examples."""
-    import numpy as np
-
-    from magic_cli.determinism import derive_seed
-
     rng = np.random.default_rng(derive_seed(seed, "mask", f"{p:g}", k))
     mask = np.ones(n_train, dtype=bool)
     mask[rng.choice(n_train, size=int(round(p * n_train)), replace=False)] = False
@@ -42,7 +63,6 @@ def make_mask(n_train: int, p: float, k: int, seed: int):
 
 def make_masks(n_train: int, p: float, m: int, seed: int, ks=None):
     """Masks 0..m-1 of drop fraction p (or those of the subsets `ks`): bool (m, N)."""
-    import numpy as np
 
     return np.stack([make_mask(n_train, p, k, seed) for k in (range(m) if ks is None else ks)])
 
@@ -68,7 +88,12 @@ class Task:
 
 # --- one retraining (runs in the parent or in a worker process) -------------------------------
 
-_WORKER = {}
+_WORKER = {}  # what init_worker built in this process: problem, seed, fingerprint, device
+
+
+def worker() -> dict:
+    """What init_worker built in this process: {problem, seed, fingerprint, device}."""
+    return _WORKER
 
 
 def worker_gpu(rank: int, n_gpus: int) -> int:
@@ -79,10 +104,6 @@ def worker_gpu(rank: int, n_gpus: int) -> int:
 def device_name(device: str) -> str:
     """What a subset records of the device it ran on. Bit-identity holds per device type, so
     `score` refuses to mix them: the GPU's name ('cuda:1 NVIDIA H200'), or the CPU's architecture."""
-    import platform
-
-    import torch
-
     if device == "cuda":
         index = torch.cuda.current_device()
         return f"cuda:{index} {torch.cuda.get_device_name(index)}"
@@ -95,19 +116,13 @@ def device_type(name: str) -> str:
     return rest if head.startswith("cuda") else name
 
 
-def _init_worker(raw_config: dict, ranks=None) -> None:
-    """Build the problem once per process; one torch thread (bit-identity across workers). With
-    device=cuda, worker number r (drawn from `ranks`, a shared counter) runs on GPU r mod #GPUs."""
-    import torch
-
-    from magic_cli.config import from_dict
-    from magic_cli.determinism import enable_determinism
-    from magic_cli.stages.assemble import assemble
-
+def init_worker(raw_config: dict, ranks=None) -> None:
+    """Build the problem once per process (workers.run_tasks' initialiser); one torch thread
+    (bit-identity across workers). With device=cuda, worker number r (drawn from `ranks`, a shared
+    counter) runs on GPU r mod #GPUs. worker() then gives what this process built."""
     config = from_dict(raw_config)
-    if config.device == "cuda" and ranks is not None:
-        with ranks.get_lock():
-            rank, ranks.value = ranks.value, ranks.value + 1
+    rank = take_rank(ranks)
+    if config.device == "cuda" and rank is not None:
         torch.cuda.set_device(worker_gpu(rank, torch.cuda.device_count()))
     enable_determinism(config.device, threads=1)
     torch.set_num_threads(1)
@@ -120,7 +135,6 @@ def _init_worker(raw_config: dict, ranks=None) -> None:
 def _retrain(task: Task):
     """(task, [outputs of each subset of the task], fingerprint of the config this process trained
     with, the device it ran on)."""
-    import torch
 
     problem = _WORKER["problem"]
     masks = make_masks(problem.dataset.n_train, task.p, len(task.ks), _WORKER["seed"], ks=task.ks)
@@ -139,7 +153,6 @@ def _retrain(task: Task):
 
 def subset_identity(fingerprint: str, seed: int, p: float, k: int, mask, batch: int = 1) -> dict:
     """What a subset file must carry to be retraining k of drop fraction p of this run."""
-    from magic_cli.run_dir import sha256_bytes
 
     return {"fingerprint": fingerprint, "seed": seed, "drop": f"{p:g}", "k": k,
             "mask": sha256_bytes(mask.tobytes())[:16], **_batch_key(batch)}
@@ -154,15 +167,26 @@ def _batch_key(batch: int) -> dict:
     return {"batch": batch}
 
 
-def ground_truth_stage(config, run, shard: str | None = None, workers: int = 1, progress_factory=None,
-                       merge_only: bool = False) -> dict:
+@dataclass(frozen=True)
+class GroundTruthResult:
+    """What one `magic retrain-ground-truth` did."""
+
+    done: int  # subsets of this shard retrained now
+    redone: int  # damaged or out-of-date ones among them
+    merged: tuple[float, ...]  # the drop fractions whose retrainings are complete and merged
+    missing: int  # subsets of this shard still to retrain
+    seconds: float
+    per_minute: float | None  # retrainings per minute (None: none done)
+    total: int  # subsets over every drop fraction
+    workers: int
+    folder: Path  # ground_truth/
+
+
+def ground_truth_stage(config: Config, run: RunDir, shard: str | None = None, workers: int = 1,
+                       progress_factory=None, merge_only: bool = False) -> GroundTruthResult:
     """Retrain every missing subset of this shard (here, or on the cluster with launcher=slurm);
     merge each drop fraction once complete. With merge_only, retrain nothing: merge what is there.
-
-    Returns {"done": subsets of this shard retrained now, "redone": damaged or stale ones among them,
-    "merged": [p, ...] complete drop fractions, "missing": subsets still to retrain, "seconds": wall
-    time, "per_minute": rate}. Everything is checked (drop fractions, seeds of earlier retrainings)
-    before anything is written.
+    Everything is checked (drop fractions, seeds of earlier retrainings) before anything is written.
     """
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
@@ -176,8 +200,6 @@ def ground_truth_stage(config, run, shard: str | None = None, workers: int = 1, 
             _prepare(config, run, plan)
             label = f"retrain (shard {index}/{count})"
             if config.launcher.name == "slurm":
-                from magic_cli.launcher import retrain_on_slurm
-
                 n_done, failed = retrain_on_slurm(config, run, plan, label, progress_factory)
             else:
                 with (progress_factory or no_progress)(label, len(plan.write)) as advance:
@@ -192,9 +214,10 @@ def ground_truth_stage(config, run, shard: str | None = None, workers: int = 1, 
                       if key[1] < gt.num_subsets)
     if failed:
         raise StageError(failed)
-    return {"done": n_done, "redone": plan.redone, "merged": merged, "missing": missing, "seconds": seconds,
-            "per_minute": 60 * n_done / seconds if n_done and seconds > 0 else None,
-            "total": len(gt.drop_fractions) * gt.num_subsets, "workers": workers}
+    return GroundTruthResult(done=n_done, redone=plan.redone, merged=tuple(merged), missing=missing, seconds=seconds,
+                             per_minute=60 * n_done / seconds if n_done and seconds > 0 else None,
+                             total=len(gt.drop_fractions) * gt.num_subsets, workers=workers,
+                             folder=run.ground_truth_root)
 
 
 @dataclass
@@ -212,10 +235,6 @@ class Plan:
 
 
 def _plan(config, run, record, index, count) -> Plan:
-    import numpy as np
-
-    from magic_cli.run_dir import load_json, sidecar
-
     gt, fingerprint = config.ground_truth, record["fingerprint"]
     n_train = int(record["metrics"]["n_train"])
     for p in gt.drop_fractions:
@@ -225,7 +244,6 @@ def _plan(config, run, record, index, count) -> Plan:
     m_all = -(-gt.num_subsets // G) * G  # whole blocks: the last one runs past num_subsets
     masks = {p: make_masks(n_train, p, m_all, gt.seed) for p in gt.drop_fractions}
     if config.train.data_weights is not None:  # a subset must keep some weight: else nothing is trained on
-        from magic_cli.stages.assemble import load_data_weights
 
         kept = load_data_weights(config.train.data_weights, n_train) > 0
         for p in gt.drop_fractions:
@@ -259,7 +277,6 @@ def _plan(config, run, record, index, count) -> Plan:
 
 def _prepare(config, run, plan: Plan) -> None:
     """masks.npy for the user (score redraws them); damaged or foreign subsets removed, never merged."""
-    from magic_cli.run_dir import npy_bytes, remove_artifact, save_artifact
 
     gt = config.ground_truth
     for p in gt.drop_fractions:
@@ -274,11 +291,6 @@ def _prepare(config, run, plan: Plan) -> None:
 def write_subsets(config, run, plan: Plan, task: Task, outputs: list, fingerprint: str, device: str) -> int:
     """Write the subsets of a retrained task that the plan writes and are not valid by now (another
     process may have written them); one atomic file each. Returns how many were written."""
-    import numpy as np
-
-    from magic_cli.errors import NonFiniteError
-    from magic_cli.run_dir import npz_bytes, save_artifact
-
     if fingerprint != plan.fingerprint:
         raise StageError("the training config changed while retraining (train.data_weights edited?); "
                          "rerun `magic retrain-ground-truth`")
@@ -307,10 +319,6 @@ def retrain_tasks_here(config, run, tasks: list[Task]) -> int:
 
 def _merge(run, p, m, identities, fingerprint, seed, batch) -> bool:
     """Write outputs_<o>.npy (m, n_test) of drop fraction p once all m subsets are valid."""
-    import numpy as np
-
-    from magic_cli.run_dir import load_npz, npy_bytes, save_artifact, sha256_bytes, valid_record
-
     records = [valid_record(run.subset(p, k), identities[(p, k)]) for k in range(m)]
     if any(r is None for r in records):
         return False
@@ -330,8 +338,6 @@ def load_ground_truth(run, config, fingerprint: str, p: float, output: str, n_tr
     """(masks bool (m, N), outputs (m, n_test)) of drop fraction p, verified against the run and
     config.ground_truth; None if nothing was retrained for p; StageError saying what to run.
     Retrainings of several device types (bits agree only within one) are refused unless mix_devices."""
-    from magic_cli.errors import ArtifactError
-    from magic_cli.run_dir import load_npy, verify
 
     gt, path = config.ground_truth, run.ground_truth_outputs(p, output)
     folder = run.ground_truth_dir(p)
@@ -342,7 +348,6 @@ def load_ground_truth(run, config, fingerprint: str, p: float, output: str, n_tr
     try:
         side = verify(path, merged_identity(fingerprint, gt.seed, p, gt.batch))
     except ArtifactError as e:
-        from magic_cli.run_dir import load_json, sidecar
 
         old = load_json(sidecar(path)) if e.reason == "stale" else {}
         if old.get("fingerprint") == fingerprint and old.get("batch", 1) != gt.batch:
@@ -361,25 +366,34 @@ def load_ground_truth(run, config, fingerprint: str, p: float, output: str, n_tr
 
 
 def _run_tasks(config, tasks: list, workers: int, fn=None):
-    """Yield fn(task) (default _retrain) as trainings finish, in worker processes that each built
-    the problem (one torch thread); in this process for one worker."""
-    fn = fn or _retrain
-    if not tasks:
-        return
-    if workers == 1:
-        import torch
+    """fn(task) (default _retrain) for every task, as trainings finish, in processes that each
+    built the problem (init_worker)."""
+    return run_tasks(tasks, workers, fn or _retrain, init_worker, (config.raw,))
 
-        threads = torch.get_num_threads()
-        _init_worker(config.raw)
-        try:
-            for task in tasks:
-                yield fn(task)
-        finally:
-            torch.set_num_threads(threads)
-        return
-    import multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
-    ranks = ctx.Value("i", 0)  # each worker takes the next number: its GPU with device=cuda
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(config.raw, ranks)) as pool:
-        yield from pool.imap_unordered(fn, tasks)
+# --- launcher=slurm: blocks as array tasks ----------------------------------------------------
+
+def retrain_on_slurm(config, run, plan, label: str, progress_factory=None) -> tuple[int, str | None]:
+    """Ground truth: one array task per launcher.blocks_per_task blocks of plan.todo. Returns (subsets
+    written, None or the line saying what failed for good)."""
+    n = config.launcher.blocks_per_task
+    chunks = [plan.todo[i:i + n] for i in range(0, len(plan.todo), n)]
+    pieces = [Piece("+".join(f"drop_{t.p:g}/block_{t.ks[0] // len(t.ks)}" for t in chunk),
+                    ([(t.p, list(t.ks)) for t in chunk],)) for chunk in chunks]
+    keys = {piece.key: [(t.p, k) for t in chunk for k in t.ks if (t.p, k) in plan.write]
+            for piece, chunk in zip(pieces, chunks)}
+
+    def ok(key) -> bool:
+        return status(run.subset(*key), plan.identities[key]) == "ok"
+
+    before = sum(map(ok, plan.write))
+    failed = run_pieces(config, "ground_truth", pieces, ground_truth_job, lambda piece: all(map(ok, keys[piece.key])),
+                        lambda: sum(map(ok, plan.write)), len(plan.write), label, progress_factory)
+    return sum(map(ok, plan.write)) - before, failed
+
+
+def ground_truth_job(cwd: str, raw: dict, tasks: list) -> int:
+    """The body of one array task: retrain its blocks and write their subsets."""
+    os.chdir(cwd)
+    config = from_dict(raw)
+    return retrain_tasks_here(config, RunDir(config.out_dir), [Task(p, tuple(ks)) for p, ks in tasks])

@@ -15,10 +15,17 @@ plain YAML.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from magic_cli.errors import StageError
+import pandas as pd
+import yaml
+
+from magic_cli.errors import ArtifactError, StageError
+from magic_cli.run_dir import RunDir, load_npy, load_record, verify
+from magic_cli.stages.attribute import load_scores
+from magic_cli.stages.ground_truth import make_masks
 
 
 @dataclass
@@ -33,7 +40,6 @@ class Scores:
     @property
     def frame(self):
         """pandas DataFrame (N, J): index = training example, columns = test ids."""
-        import pandas as pd
 
         return pd.DataFrame(self.values, columns=self.test_ids).rename_axis(index="train_id", columns="test_id")
 
@@ -42,7 +48,6 @@ class Run:
     """A finished run directory, read-only."""
 
     def __init__(self, root):
-        from magic_cli.run_dir import RunDir, load_record
 
         self.dir = RunDir(root)
         self.dir.check_marker()
@@ -62,7 +67,6 @@ class Run:
     @property
     def config(self) -> dict:
         """The resolved config the run was trained with (config.yaml, read as plain YAML)."""
-        import yaml
 
         return yaml.safe_load(self.dir.config_yaml.read_text())
 
@@ -70,7 +74,6 @@ class Run:
         return self.dir.methods_present()
 
     def scores(self, method: str = "magic") -> Scores:
-        from magic_cli.stages.attribute import load_scores
 
         if method not in self.methods():
             raise StageError(f"no {method} scores in {self.root} (have: {', '.join(self.methods()) or 'none'})")
@@ -79,7 +82,6 @@ class Run:
 
     def train_outputs(self, output: str = "loss"):
         """f_j(w0) of every test example under the trained model: float64 (n_test,)."""
-        from magic_cli.run_dir import load_npy, verify
 
         verify(self.dir.train_outputs(output), {"fingerprint": self.fingerprint})
         return load_npy(self.dir.train_outputs(output))
@@ -90,9 +92,6 @@ class Run:
 
     def ground_truth(self, p: float, output: str = "loss"):
         """(masks bool (m, N), outputs float64 (m, n_test)) of drop fraction p, as merged."""
-        from magic_cli.errors import ArtifactError
-        from magic_cli.run_dir import load_npy, verify
-        from magic_cli.stages.ground_truth import make_masks
 
         path = self.dir.ground_truth_outputs(p, output)
         try:
@@ -104,10 +103,6 @@ class Run:
 
     def lds(self):
         """The per-test LDS table of the last `magic score` (method, drop, test_id, spearman, pearson, slope)."""
-        import json
-
-        import pandas as pd
-
         summary = self.dir.report_dir / "summary.json"
         if not summary.is_file():
             raise StageError(f"no report in {self.root}: run `magic score`")

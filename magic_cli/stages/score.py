@@ -11,33 +11,74 @@ truth, and write the report (CSV, JSON, Markdown, plots; a rich table for the te
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
+from magic_cli.config import Config
 from magic_cli.core.metrics import mean_with_ci, per_test_correlations, predicted_change
-from magic_cli.run_dir import RunDir, StageError, load_npy, save_bytes, save_json, save_text
+from magic_cli.plots import figure_bytes, pyplot
+from magic_cli.run_dir import RunDir, StageError, load_npy, save_bytes, save_json, save_text, verify
+from magic_cli.stages.assemble import load_data_weights
+from magic_cli.stages.attribute import load_scores
+from magic_cli.stages.checkpoints import REPAIR
+from magic_cli.stages.ground_truth import load_ground_truth
 
 SCATTER_IDS = 4  # test ids per scatter plot
 LOW_LDS = 0.5  # `score` names the test ids whose LDS is below this, with their slope
 
 
-def score_stage(config, run: RunDir, mix_devices: bool = False) -> dict:
-    """Compute LDS for every method x drop fraction with ground truth; write report/; return summary.
-    Ground truth retrained on several device types is refused unless mix_devices."""
+@dataclass(frozen=True)
+class Lds:
+    """The LDS of one method at one drop fraction, over its test ids."""
+
+    mean: float  # mean Spearman correlation of predicted and actual change
+    ci_low: float  # 95 % bootstrap confidence interval of the mean
+    ci_high: float
+    n_test: int
+    n_subsets: int
+    pearson: float  # mean Pearson correlation
+    slope: float  # median regression slope of actual on predicted change (1: the right scale)
+    low_lds: tuple[tuple[int, float, float], ...]  # (test id, LDS, slope) below LOW_LDS, worst first
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """What `magic score` measured; `summary` is report/summary.json as written."""
+
+    lds: dict[str, dict[float, Lds]]  # method -> drop fraction -> LDS
+    seconds: dict[str, float | None]  # method -> seconds its attribution took
+    output: str
+    missing_drop_fractions: tuple[float, ...]  # configured, with no complete ground truth yet
+    test_accuracy: float
+    report_dir: Path
+    summary: dict = field(repr=False)
+
+    @classmethod
+    def of(cls, summary: dict, report_dir: Path) -> "ScoreResult":
+        lds = {method: {float(p): Lds(s["mean"], s["ci_low"], s["ci_high"], s["n_test"], s["n_subsets"],
+                                      s["pearson"], s["slope"],
+                                      tuple((w["test_id"], w["lds"], w["slope"]) for w in s["low_lds"]))
+                        for p, s in per_drop.items()} for method, per_drop in summary["lds"].items()}
+        return cls(lds, dict(summary["seconds"]), summary["output"], tuple(summary["missing_drop_fractions"]),
+                   summary["test_accuracy"], Path(report_dir), summary)
+
+    def low_lds_lines(self, limit: int = 6) -> list[str]:
+        return low_lds_lines(self.summary, limit)
+
+
+def score_stage(config: Config, run: RunDir, mix_devices: bool = False) -> ScoreResult:
+    """Compute LDS for every method x drop fraction with ground truth; write report/. Ground truth
+    retrained on several device types is refused unless mix_devices."""
     with run.lock(exclusive=False):
         run.clean(exclusive=False)
         record = run.require_trained(config)
         return _score(config, run, record, mix_devices)
 
 
-def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> dict:
-    import pandas as pd
-
-    from magic_cli.run_dir import verify
-    from magic_cli.stages.assemble import load_data_weights
-    from magic_cli.stages.attribute import load_scores
-    from magic_cli.stages.checkpoints import REPAIR
-    from magic_cli.stages.ground_truth import load_ground_truth
-
+def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> ScoreResult:
     output, fingerprint = config.attribute.output, record["fingerprint"]
     methods = run.methods_present()
     if not methods:
@@ -89,14 +130,13 @@ def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> dict
               "missing_drop_fractions": [p for p in config.ground_truth.drop_fractions if p not in truth],
               "methods": methods, "fingerprint": fingerprint,
               "test_accuracy": record["metrics"]["test_accuracy"]}
-    out = run.report_dir
-    save_text(out / "lds.csv", table.to_csv(index=False))
-    save_json(out / "summary.json", result)
-    save_text(out / "report.md", _markdown(result, config))
-    save_bytes(out / "lds_vs_drop.png", _plot_lds(result))
+    save_text(run.report_file("lds.csv"), table.to_csv(index=False))
+    save_json(run.report_file("summary.json"), result)
+    save_text(run.report_file("report.md"), _markdown(result, config))
+    save_bytes(run.report_file("lds_vs_drop.png"), _plot_lds(result))
     for (method, p), (pred, act, sids) in scatter_data.items():
-        save_bytes(out / f"scatter_{method}_{p:g}.png", _plot_scatter(method, p, pred, act, sids))
-    return result
+        save_bytes(run.report_file(f"scatter_{method}_{p:g}.png"), _plot_scatter(method, p, pred, act, sids))
+    return ScoreResult.of(result, run.report_dir)
 
 
 def low_lds_lines(result: dict, limit: int = 6) -> list[str]:
@@ -110,22 +150,6 @@ def low_lds_lines(result: dict, limit: int = 6) -> list[str]:
                 lines.append(f"{method}, drop {p}: {len(weak)} of {s['n_test']} test ids have LDS < {LOW_LDS}: "
                              f"{shown}{' ...' if len(weak) > limit else ''}")
     return lines
-
-
-def rich_table(result: dict):
-    """The terminal table: one row per method x drop fraction."""
-    from rich.table import Table
-
-    table = Table(title=f"LDS ({result['output']} output, Spearman over retrained subsets)")
-    for col in ("method", "drop", "LDS", "95% CI", "n", "pearson", "slope", "sec"):
-        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
-    for method, per_drop in result["lds"].items():
-        secs = result["seconds"].get(method)
-        for p, s in per_drop.items():
-            table.add_row(method, p, f"{s['mean']:.3f}", f"{s['ci_low']:.3f}-{s['ci_high']:.3f}",
-                          str(s["n_test"]), f"{s['pearson']:.3f}", f"{s['slope']:.3f}",
-                          f"{secs:.1f}" if secs is not None else "-")
-    return table
 
 
 def _markdown(result: dict, config) -> str:
@@ -153,28 +177,8 @@ def _markdown(result: dict, config) -> str:
     return "\n".join(lines)
 
 
-def _figure_bytes(fig) -> bytes:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_lds(result: dict) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
     for method, per_drop in result["lds"].items():
         ps = [float(p) for p in per_drop]
@@ -188,11 +192,11 @@ def _plot_lds(result: dict) -> bytes:
     ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.0)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _figure_bytes(fig)
+    return figure_bytes(fig)
 
 
 def _plot_scatter(method: str, p: float, predicted, actual, ids) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(ids), figsize=(3.2 * len(ids), 3.2), squeeze=False, layout="constrained")
     for ax, j, test_id in zip(axes[0], range(len(ids)), ids):
         x, y = predicted[:, j], actual[:, j]
@@ -203,4 +207,4 @@ def _plot_scatter(method: str, p: float, predicted, actual, ids) -> bytes:
         ax.set_xlabel("predicted change")
     axes[0][0].set_ylabel("actual change")
     fig.suptitle(f"{method}, drop {p:g}")
-    return _figure_bytes(fig)
+    return figure_bytes(fig)

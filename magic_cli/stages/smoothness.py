@@ -24,11 +24,39 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+
+from magic_cli.config import Config, from_dict, load
+from magic_cli.determinism import derive_seed
 from magic_cli.errors import ConfigError, StageError
+from magic_cli.launcher import Piece, run_pieces
+from magic_cli.plots import figure_bytes, pyplot
+from magic_cli.progress import no_progress
+from magic_cli.run_dir import (
+    RunDir,
+    json_text,
+    load_npz,
+    npz_bytes,
+    save_artifact,
+    save_bytes,
+    save_json,
+    save_text,
+    sha256_bytes,
+    status,
+    valid_record,
+)
+from magic_cli.stages.ground_truth import init_worker, worker
+from magic_cli.workers import run_tasks
 
 # Verdict thresholds on S over the test outputs, calibrated against measured LDS at 1 % over
 # the configurations in the README ("Will MAGIC work here?").
@@ -44,7 +72,6 @@ VERDICTS = {
 
 def metasmoothness(a0, ah, a2h, h: float) -> float:
     """S of three readings (arrays of one shape) at w, w + h v, w + 2h v; NaN if nothing moved."""
-    import numpy as np
 
     d1, d2, d = (ah - a0) / h, (a2h - ah) / h, np.abs(a2h - a0)
     total = d.sum()
@@ -61,10 +88,6 @@ def verdict(s: float) -> str:
 
 def direction_set(n_train: int, cfg, i: int):
     """The examples D_i that direction i moves: bool (N,)."""
-    import numpy as np
-
-    from magic_cli.determinism import derive_seed
-
     rng = np.random.default_rng(derive_seed(cfg.seed, "smoothness", f"{cfg.drop_fraction:g}", i))
     chosen = np.zeros(n_train, dtype=bool)
     chosen[rng.choice(n_train, size=max(1, int(round(cfg.drop_fraction * n_train))), replace=False)] = True
@@ -73,7 +96,6 @@ def direction_set(n_train: int, cfg, i: int):
 
 def identity(config, i: int | None) -> dict:
     """What direction i's file (None: the base run's) must carry: this training, these settings."""
-    from magic_cli.run_dir import json_text, sha256_bytes
 
     cfg = dataclasses.asdict(config.smoothness)
     cfg.pop("directions")  # how many directions does not change direction i
@@ -85,12 +107,7 @@ def identity(config, i: int | None) -> dict:
 
 def _train_one(task: tuple):
     """(direction i or None for the base run, multiple c of h) -> (task, flat parameters, outputs, seconds)."""
-    import numpy as np
-    import torch
-
-    from magic_cli.stages.ground_truth import _WORKER
-
-    problem = _WORKER["problem"]
+    problem = worker()["problem"]
     i, c = task
     weights = problem.weights
     if i is not None:
@@ -102,7 +119,56 @@ def _train_one(task: tuple):
     return task, flat, problem.outputs(final), seconds
 
 
-def smoothness_stage(config, run, workers: int = 1, progress_factory=None) -> dict:
+@dataclass(frozen=True)
+class Spread:
+    mean: float  # over the directions
+    std: float
+    per_direction: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class SmoothnessResult:
+    """`magic smoothness`: the metasmoothness S and its verdict; `summary` is smoothness/summary.json."""
+
+    s_outputs: Spread  # S over the test outputs
+    s_params: Spread  # S over the parameters
+    directions: int
+    h: float
+    test_accuracy: float
+    train_seconds: float
+    verdict: str  # a key of VERDICTS
+    directions_computed: int
+    summary_path: Path
+    summary: dict = field(repr=False)
+
+    @classmethod
+    def of(cls, summary: dict, path: Path) -> "SmoothnessResult":
+        spread = lambda d: Spread(d["mean"], d["std"], tuple(d["per_direction"]))  # noqa: E731
+        return cls(spread(summary["S_outputs"]), spread(summary["S_params"]), summary["directions"], summary["h"],
+                   summary["test_accuracy"], summary["train_seconds"], summary["verdict"],
+                   summary["directions_computed"], Path(path), summary)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """`magic smoothness --sweep`: one row per combination, the recommended one; `summary` is sweep.json."""
+
+    rows: tuple[dict, ...]  # overrides, S_outputs, S_outputs_std, S_params, test_accuracy, train_seconds, ...
+    recommended: str  # the overrides of the recommended combination
+    recommended_index: int
+    accuracy_gap: float  # accuracy of the most accurate combination minus the recommended one's
+    smooth_found: bool
+    folder: Path
+    summary: dict = field(repr=False)
+
+    def table_lines(self) -> list[str]:
+        return table_lines(self.summary)
+
+    def recommendation_reason(self) -> str:
+        return recommendation_reason(self.summary)
+
+
+def smoothness_stage(config: Config, run: RunDir, workers: int = 1, progress_factory=None) -> SmoothnessResult:
     """S over parameters and outputs for each direction (missing ones computed), and the summary."""
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
@@ -114,18 +180,12 @@ def smoothness_stage(config, run, workers: int = 1, progress_factory=None) -> di
         return _smoothness(config, run, workers, progress_factory)
 
 
-def _smoothness(config, run, workers, progress_factory) -> dict:
-    import numpy as np
-
-    from magic_cli.run_dir import load_npz, save_json, status, valid_record
-
+def _smoothness(config, run, workers, progress_factory) -> SmoothnessResult:
     sc, output = config.smoothness, config.attribute.output
     paths = [run.smoothness_direction(i) for i in range(sc.directions)]
     todo = [i for i in range(sc.directions) if status(paths[i], identity(config, i)) != "ok"]
     start = time.perf_counter()
     if todo and config.launcher.name == "slurm":  # one array task per direction, and one for the base run
-        from magic_cli.launcher import smoothness_on_slurm
-
         failed = smoothness_on_slurm(config, run, todo, progress_factory)
         if failed:
             raise StageError(failed)
@@ -148,7 +208,7 @@ def _smoothness(config, run, workers, progress_factory) -> dict:
     }
     summary["verdict"] = verdict(summary["S_outputs"]["mean"])
     save_json(run.smoothness_summary, summary)
-    return summary
+    return SmoothnessResult.of(summary, run.smoothness_summary)
 
 
 def compute_directions(config, run, todo: list[int], workers: int = 1, progress_factory=None,
@@ -156,17 +216,12 @@ def compute_directions(config, run, todo: list[int], workers: int = 1, progress_
     """Train the base run and w + h v, w + 2h v for each direction of `todo`; write each direction's
     file as soon as its two trainings are in (and, with write_base, smoothness/base.npz: the base
     run's outputs and training seconds, for the summary). Returns the directions written."""
-    import numpy as np
-
-    from magic_cli.progress import no_progress
-    from magic_cli.run_dir import npz_bytes, save_artifact, status
-    from magic_cli.stages.ground_truth import _run_tasks
-
     sc, output = config.smoothness, config.attribute.output
     tasks = [(None, 0)] + [(i, c) for i in todo for c in (1, 2)]
     results, todo, written = {}, list(todo), 0
     with (progress_factory or no_progress)(f"smoothness ({sc.directions} directions)", len(tasks)) as advance:
-        for done, (task, flat, outputs, seconds) in enumerate(_run_tasks(config, tasks, workers, _train_one)):
+        trainings = run_tasks(tasks, workers, _train_one, init_worker, (config.raw,))
+        for done, (task, flat, outputs, seconds) in enumerate(trainings):
             results[task] = (flat, outputs, seconds)
             advance(done + 1)
             base = results.get((None, 0))
@@ -191,8 +246,6 @@ def compute_directions(config, run, todo: list[int], workers: int = 1, progress_
 
 def parse_sweep(overrides: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
     """Hydra overrides -> (fixed overrides, [(key, [value, ...]) per sweep axis]); one line if bad."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
@@ -242,14 +295,10 @@ def recommend(rows: list[dict]) -> int:
     return max(range(len(rows)), key=lambda i: (rows[i]["S_outputs"], rows[i]["test_accuracy"]))
 
 
-def sweep_stage(overrides: list[str], config_dir: str | None, workers: int = 1, progress_factory=None) -> dict:
+def sweep_stage(overrides: list[str], config_dir: str | None, workers: int = 1,
+                progress_factory=None) -> SweepResult:
     """`magic smoothness --sweep`: smoothness_stage for every combination, each in its own run
     directory under <out_dir>-sweep/; the table (CSV, Markdown), the plot, the recommendation."""
-    import pandas as pd
-
-    from magic_cli.config import load
-    from magic_cli.run_dir import RunDir, save_bytes, save_json, save_text
-
     fixed, axes = parse_sweep(overrides)
     base = load(fixed, config_dir)
     combos = combinations(axes)
@@ -264,9 +313,9 @@ def sweep_stage(overrides: list[str], config_dir: str | None, workers: int = 1, 
         s = smoothness_stage(config, RunDir(out), workers, _labelled(progress_factory, f"[{k + 1}/{len(combos)}] "
                                                                                      f"{' '.join(combo)}"))
         rows.append({"overrides": " ".join(combo), **{key: value for key, value in (c.split("=", 1) for c in combo)},
-                     "S_outputs": s["S_outputs"]["mean"], "S_outputs_std": s["S_outputs"]["std"],
-                     "S_params": s["S_params"]["mean"], "test_accuracy": s["test_accuracy"],
-                     "train_seconds": s["train_seconds"], "verdict": s["verdict"], "run": str(out)})
+                     "S_outputs": s.s_outputs.mean, "S_outputs_std": s.s_outputs.std,
+                     "S_params": s.s_params.mean, "test_accuracy": s.test_accuracy,
+                     "train_seconds": s.train_seconds, "verdict": s.verdict, "run": str(out)})
     front = pareto_front([(r["test_accuracy"], r["S_outputs"]) for r in rows])
     for i, r in enumerate(rows):
         r["pareto"] = i in front
@@ -280,8 +329,8 @@ def sweep_stage(overrides: list[str], config_dir: str | None, workers: int = 1, 
     save_text(folder / "sweep.md", _sweep_markdown(result))
     save_bytes(folder / "sweep.png", _sweep_plot(rows, pick))
     save_json(folder / "sweep.json", result)
-    result["folder"] = str(folder)
-    return result
+    return SweepResult(tuple(rows), result["recommended"], pick, result["accuracy_gap"], result["smooth_found"],
+                       folder, result)
 
 
 def _labelled(progress_factory, label: str):
@@ -295,7 +344,6 @@ SWEEP_MARKER = "magic-sweep.json"
 
 
 def _claim_sweep(folder: Path) -> None:
-    from magic_cli.run_dir import save_json
 
     if folder.exists() and not (folder / SWEEP_MARKER).is_file() and any(folder.iterdir()):
         raise StageError(f"{folder} is not empty and is not a magic sweep folder (no {SWEEP_MARKER}); "
@@ -341,9 +389,8 @@ def table_lines(result: dict) -> list[str]:
 
 
 def _sweep_plot(rows: list[dict], pick: int) -> bytes:
-    from magic_cli.stages.score import _figure_bytes, _pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2), layout="constrained")
     acc = [r["test_accuracy"] for r in rows]
     s = [r["S_outputs"] for r in rows]
@@ -360,4 +407,29 @@ def _sweep_plot(rows: list[dict], pick: int) -> bytes:
     ax.set_ylim(min(-0.05, min(s) - 0.05), 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _figure_bytes(fig)
+    return figure_bytes(fig)
+
+
+# --- launcher=slurm: directions as array tasks --------------------------------------------------
+
+def smoothness_on_slurm(config, run, todo: list[int], progress_factory=None) -> str | None:
+    """Smoothness: one array task per direction of `todo` (each trains the base run, w + h v and
+    w + 2h v) and one for the base run's outputs. Returns None or the line saying what failed."""
+    def ok(i) -> bool:
+        path = run.smoothness_base if i is None else run.smoothness_direction(i)
+        return status(path, identity(config, i)) == "ok"
+
+    pieces = [Piece("base", (None,))] + [Piece(f"direction_{i}", (i,)) for i in todo]
+    return run_pieces(config, "smoothness", pieces, smoothness_job, lambda piece: ok(piece.args[0]),
+                      lambda: sum(ok(p.args[0]) for p in pieces), len(pieces), "smoothness on the cluster",
+                      progress_factory)
+
+
+def smoothness_job(cwd: str, raw: dict, direction: int | None) -> int:
+    """The body of one array task: one direction (or, for None, the base run only)."""
+    os.chdir(cwd)
+    config = from_dict(raw)
+    run = RunDir(config.out_dir)
+    with run.lock(exclusive=False):
+        todo = [] if direction is None else [direction]
+        return compute_directions(config, run, todo, 1, write_base=direction is None)

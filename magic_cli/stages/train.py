@@ -7,25 +7,71 @@ It reads and verifies the run directory first, then trains (core/problem.py), th
 
 from __future__ import annotations
 
+import math
+import shutil
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
-from magic_cli.config import Config
+import numpy as np
+import torch
+
+from magic_cli.config import Config, to_yaml
 from magic_cli.core.losses import OUTPUT_FUNCTIONS
 from magic_cli.core.problem import Problem, TrainState, flatten_state
+from magic_cli.determinism import enable_determinism
 from magic_cli.errors import ArtifactError, NonDeterminismError, NonFiniteError, StageError
+from magic_cli.meta import run_meta
+from magic_cli.progress import no_progress
+from magic_cli.run_dir import (
+    RunDir,
+    Staged,
+    load_json,
+    load_record,
+    npy_bytes,
+    save_artifact,
+    save_json,
+    save_record,
+    save_text,
+    sha256_bytes,
+    sidecar,
+    status,
+)
+from magic_cli.run_dir import status as file_status
 from magic_cli.stages.assemble import assemble
 from magic_cli.stages.checkpoints import config_checkpoint_tag, state_bytes
 
 
-def train_stage(config: Config, run, overrides: list[str], overwrite: bool = False, progress_factory=None) -> dict:
+@dataclass(frozen=True)
+class TrainResult:
+    """What one `magic train` did and the metrics of the run (deterministic, from its record)."""
+
+    status: str  # trained | already (every file verified) | repaired
+    repaired: tuple[str, ...]  # the files retrained and rewritten (repaired)
+    test_accuracy: float
+    train_accuracy: float
+    test_loss: float
+    train_loss: float
+    steps: int
+    n_train: int
+    n_test: int
+    train_seconds: float | None  # the training loop's time in this command (None: nothing trained)
+    train_dir: Path
+
+    @classmethod
+    def of(cls, metrics: dict, status: str, repaired, train_seconds, train_dir) -> "TrainResult":
+        keys = ("test_accuracy", "train_accuracy", "test_loss", "train_loss", "steps", "n_train", "n_test")
+        return cls(status, tuple(repaired), *(metrics[k] for k in keys), train_seconds, Path(train_dir))
+
+
+def train_stage(config: Config, run: RunDir, overrides: list[str], overwrite: bool = False,
+                progress_factory=None) -> TrainResult:
     """Train and write train/, or verify a finished run and redo exactly what is missing or damaged.
 
-    Returns the metrics, with "status": trained | already | repaired and "repaired": [file names].
     Every artifact is written with its sidecar (sha256, fingerprint); the record
     train/fingerprint.json is written last and marks a finished run. An intact artifact is never
     rewritten: a retraining that would produce other bytes is refused as non-deterministic.
     """
-    import shutil
 
     created = not run.root.exists()
     run.claim()
@@ -37,8 +83,7 @@ def train_stage(config: Config, run, overrides: list[str], overwrite: bool = Fal
         raise
 
 
-def _train_stage(config, run, overrides, overwrite, progress_factory) -> dict:
-    from magic_cli.run_dir import load_record, status
+def _train_stage(config, run, overrides, overwrite, progress_factory) -> TrainResult:
 
     with run.lock(exclusive=True):
         run.clean(exclusive=True)
@@ -65,30 +110,11 @@ def _train_stage(config, run, overrides, overwrite, progress_factory) -> dict:
             raise StageError(f"{run.root} holds files of a run trained with a different config; choose another "
                              "out_dir or pass --overwrite")
         if record is not None and all(s == "ok" for s in states.values()):
-            return {**record["metrics"], "status": "already", "repaired": []}
+            return TrainResult.of(record["metrics"], "already", (), None, run.train_dir)
         return _train_and_write(config, run, overrides, record, names, states, progress_factory)
 
 
-def _train_and_write(config, run, overrides, record, names, states, progress_factory) -> dict:
-
-    import numpy as np
-
-    from magic_cli.config import to_yaml
-    from magic_cli.determinism import enable_determinism
-    from magic_cli.meta import run_meta
-    from magic_cli.progress import no_progress
-    from magic_cli.run_dir import (
-        Staged,
-        load_json,
-        npy_bytes,
-        save_artifact,
-        save_json,
-        save_record,
-        save_text,
-        sha256_bytes,
-        sidecar,
-    )
-    from magic_cli.run_dir import status as file_status
+def _train_and_write(config, run, overrides, record, names, states, progress_factory) -> TrainResult:
 
     determinism = enable_determinism(config.device, config.threads)
     problem = assemble(config)
@@ -158,7 +184,7 @@ def _train_and_write(config, run, overrides, record, names, states, progress_fac
         "fingerprint": fingerprint, "slice": config.training_slice(), "steps": T, "metrics": metrics,
         "files": names, "checkpoint_tag": record["checkpoint_tag"] if record else tag})
     status = "trained" if record is None and not repaired else "repaired"
-    return {**metrics, **seconds_now, "status": status, "repaired": repaired}
+    return TrainResult.of(metrics, status, repaired, seconds, run.train_dir)
 
 
 def _summary(names: list[str]) -> list[str]:
@@ -180,11 +206,6 @@ def _check_converged(problem: Problem, final: TrainState, train_out: dict) -> No
     """Refuse a run whose scores would mean nothing: a non-finite state, or a training loss that
     ends above DIVERGED times its value at initialisation. (A short run may end slightly above
     it: eval-mode BatchNorm with barely updated running statistics.)"""
-    import math
-
-    import numpy as np
-    import torch
-
     lr = f"optimizer.lr={problem.config.optimizer.lr:g}"
     if not all(bool(torch.isfinite(v).all()) for v in flatten_state(final).values()):
         raise NonFiniteError(f"training produced NaN/Inf parameters ({lr}): lower optimizer.lr")
