@@ -188,7 +188,7 @@ def score(
     if result.missing_drop_fractions:
         _console().print("no ground truth yet for drop " + ", ".join(f"{p:g}" for p in result.missing_drop_fractions)
                          + " (run `magic retrain-ground-truth`)")
-    typer.echo(f"wrote {result.report_dir / 'report.md'}")
+    typer.echo(f"wrote {result.report_path}")
 
 
 def _lds_table(result):

@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from magic_cli.data import DATASETS
 from magic_cli.errors import ConfigError
+from magic_cli.models import MODELS
+from magic_cli.models.hf import resolve_path
 from magic_cli.names import (
     DEVICES,
     DTYPES,
@@ -30,6 +33,7 @@ from magic_cli.names import (
     SCHEDULES,
     STRATEGIES,
 )
+from magic_cli.plugins import load_plugins, plugin_digest
 from magic_cli.readers import expand_path, read_text
 from magic_cli.storage import sha256_tree
 
@@ -298,9 +302,6 @@ class Config:
     overrides: tuple = field(repr=False, compare=False, default=())  # as given to compose (train records them)
 
     def __post_init__(self):
-        from magic_cli.data import DATASETS
-        from magic_cli.models import MODELS
-
         _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
@@ -336,12 +337,10 @@ class Config:
             if value is None:
                 continue
             if hub_weights is not None:  # may be a Hugging Face hub name: the snapshot it resolves to
-                from magic_cli.models.hf import resolve_path
 
                 value = str(resolve_path(value, weights=hub_weights))
             sl[group][key] = _content_hash(value, f"{group}.{key}")
         if self.plugins:  # the plugins' sources, so a changed plugin refuses runs trained with the old one
-            from magic_cli.plugins import plugin_digest
 
             sl["plugins"] = {spec: f"sha256:{plugin_digest(spec)}" for spec in self.plugins}
         return sl
@@ -603,7 +602,6 @@ def from_dict(raw: dict) -> Config:
     _check(isinstance(raw, dict), "config must be a mapping")
     raw = expand_paths(raw)
     if raw.get("plugins"):  # before validation: plugins add names to the model and dataset registries
-        from magic_cli.plugins import load_plugins
 
         load_plugins(raw["plugins"])
     config = dataclasses.replace(_build(Config, raw, ""), raw=raw)

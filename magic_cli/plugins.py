@@ -13,7 +13,6 @@ A plugin registers models and datasets under names, like the built-ins:
 
     @register_model("my_pure_model")               # the pure contract itself (contracts.Model)
     def my_pure_model(input_shape, n_classes, *, hidden: int = 32): ...
-
     @register_dataset("my_data")                   # (seed, **options) -> magic_cli.data.Dataset
     def my_data(seed, *, path: str): ...
 
@@ -33,7 +32,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from magic_cli.data import DATASETS
 from magic_cli.errors import ConfigError
+from magic_cli.models import MODEL_INPUTS, MODELS
+from magic_cli.models.torch_module import module_builder
 
 _LOADED: dict[str, str] = {}  # plugin spec -> sha256 of its source, as imported in this process
 _REGISTERED: dict[str, list] = {}  # plugin spec -> [(registry, name, builder)] it registered
@@ -142,7 +144,6 @@ def _register(registry: dict, builtins: set, kind: str, name: str, fn: Callable)
 
 def register_model(name: str):
     """Register a pure model builder (input_shape, n_classes, *, options) -> contracts.Model."""
-    from magic_cli.models import MODEL_INPUTS, MODELS
 
     def decorate(fn):
         _check_factory("model", name, fn, ("input_shape", "n_classes"))
@@ -156,7 +157,6 @@ def register_model(name: str):
 def register_module(name: str):
     """Register a torch.nn.Module factory (input_shape, n_classes, *, options) -> nn.Module; magic
     makes it pure (models/torch_module.py) and adds the options init_from and trainable."""
-    from magic_cli.models.torch_module import module_builder
 
     def decorate(factory):
         _check_factory("model", name, factory, ("input_shape", "n_classes"))
@@ -168,7 +168,6 @@ def register_module(name: str):
 
 def register_dataset(name: str):
     """Register a dataset builder (seed, *, options) -> magic_cli.data.Dataset."""
-    from magic_cli.data import DATASETS
 
     def decorate(fn):
         _check_factory("dataset", name, fn, ("seed",))

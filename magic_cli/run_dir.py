@@ -301,6 +301,10 @@ class RunDir:
     def scores_json(self, method: str) -> Path:
         return sidecar(self.scores_npy(method))
 
+    def merge_lock_file(self, method: str) -> Path:
+        """The lock serialising merges of attribute/<method>/ (stages/attribute.merge_lock)."""
+        return self.attribute_dir(method) / ".merge.lock"
+
     def attribute_last_run(self, method: str) -> Path:
         return self.attribute_dir(method) / "last_run.json"
 
@@ -461,3 +465,27 @@ class RunDir:
             if (self.root / sub).exists():
                 os.replace(self.root / sub, trash / f"{sub}-{uuid.uuid4().hex}")
         shutil.rmtree(trash, ignore_errors=True)
+
+
+class SweepDir:
+    """`magic smoothness --sweep`'s folder, <out_dir>-sweep/: one run directory per combination
+    (NN-<overrides>/), the table (sweep.csv, sweep.md, sweep.json), the plot (sweep.png), and
+    SWEEP_MARKER, without which an existing non-empty folder is never written into."""
+
+    MARKER = "magic-sweep.json"
+
+    def __init__(self, out_dir):
+        root = Path(out_dir)
+        self.root = root.parent / f"{root.name}-sweep"
+
+    @property
+    def marker(self) -> Path:
+        return self.root / self.MARKER
+
+    def combination(self, k: int, slug: str) -> Path:
+        """The run directory of combination k."""
+        return self.root / f"{k:02d}-{slug}"
+
+    def file(self, name: str) -> Path:
+        """sweep.csv, sweep.md, sweep.json or sweep.png."""
+        return self.root / name

@@ -55,7 +55,6 @@ def per_example_grads(problem: Problem, state: TrainState, x, y, fn: Callable, c
 
 
 def _flat(grads: dict):
-
     return torch.cat([g.flatten(1).double() for g in grads.values()], dim=1)  # (n, P)
 
 
@@ -99,7 +98,6 @@ def _epoch_states(problem: Problem) -> tuple[list[int], dict]:
 
 
 def tracin(problem: Problem, final: TrainState, test_ids, output: str, options: dict):
-
     starts, kept = _epoch_states(problem)
     ends = starts[1:] + [problem.total_steps]
     cfg = problem.config.optimizer
@@ -124,7 +122,6 @@ def _project(grads: dict, projection: dict):
 
 
 def _correct_prob(problem: Problem, state: TrainState, x, y):
-
     with torch.no_grad():
         logits, _ = problem.model.apply(state.params, state.buffers, x, train=False)
         p = torch.softmax(logits.double(), dim=-1)
@@ -132,7 +129,6 @@ def _correct_prob(problem: Problem, state: TrainState, x, y):
 
 
 def trak(problem: Problem, final: TrainState, test_ids, output: str, options: dict):
-
     ds = problem.dataset
     ids = torch.as_tensor(test_ids, device=problem.device)
     n_models = int(options.get("checkpoints", 1))
@@ -235,7 +231,6 @@ def _layer_matrix(grads: dict, name: str):
 
 
 def ekfac(problem: Problem, final: TrainState, test_ids, output: str, options: dict):
-
     ds = problem.dataset
     ids = torch.as_tensor(test_ids, device=problem.device)
     factors = ekfac_factors(problem, final)

@@ -136,12 +136,10 @@ def adam(lr: Callable[[int], float], betas: tuple, eps: float, eps_root: float,
     wd_of = decay_of(weight_decay, no_decay)
 
     def init(params):
-
         return {"mu": {k: torch.zeros_like(p) for k, p in params.items()},
                 "nu": {k: torch.zeros_like(p) for k, p in params.items()}}
 
     def update(grads, state, params, t):
-
         c1, c2 = 1.0 - b1 ** (t + 1), 1.0 - b2 ** (t + 1)
         new_params, mu, nu = {}, {}, {}
         for k, p in params.items():

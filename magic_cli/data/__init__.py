@@ -13,6 +13,7 @@ from magic_cli.data.cifar import cifar10
 from magic_cli.data.files import arrays, image_folder, table, text_file, token_ids
 from magic_cli.data.tabular import breast_cancer, digits, wine
 from magic_cli.data.text import text_chars
+from magic_cli.determinism import generator
 from magic_cli.errors import ConfigError
 
 DATASETS: dict[str, "DatasetBuilder"] = {
@@ -94,9 +95,6 @@ def batch_schedule(n_train: int, batch_size: int, epochs: int, seed: int):
     batch of each epoch is dropped so that every step has exactly the nominal batch size.
     """
     import torch
-
-    from magic_cli.determinism import generator
-
     per_epoch = n_train // batch_size
     if per_epoch == 0:
         raise ConfigError(f"train.batch_size={batch_size} is larger than the training split ({n_train})")

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from functools import partial
 
+from magic_cli.determinism import generator
+
 
 def _flip_translate(x, example_ids, seed: int, step: int, *, flip: bool, translate: int):
     """x: (B, C, H, W). Random horizontal flip and a shift of up to `translate` pixels (zero fill)."""
     import torch
     import torch.nn.functional as F
-
-    from magic_cli.determinism import generator
-
     gen = generator(seed, "aug", step)
     B, _, H, W = x.shape
     flips = torch.rand(B, generator=gen) < 0.5  # drawn even when unused: the stream stays the same

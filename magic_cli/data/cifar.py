@@ -4,6 +4,9 @@ and a seeded subset of examples, with pure flip/translate augmentation."""
 
 from __future__ import annotations
 
+from magic_cli.contracts import Dataset
+from magic_cli.data.augment import flip_translate
+from magic_cli.determinism import derive_seed
 from magic_cli.errors import ConfigError
 
 
@@ -12,11 +15,6 @@ def cifar10(seed: int, *, root: str = "data/cifar10", download: bool = True, cla
     import numpy as np
     import torch
     from torchvision.datasets import CIFAR10
-
-    from magic_cli.contracts import Dataset
-    from magic_cli.data.augment import flip_translate
-    from magic_cli.determinism import derive_seed
-
     classes = [int(c) for c in classes]
     if not classes or any(not 0 <= c < 10 for c in classes) or len(set(classes)) != len(classes):
         raise ConfigError(f"dataset.classes must be distinct CIFAR-10 class ids 0..9, got {classes}")

@@ -18,8 +18,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from magic_cli.contracts import IGNORE
+from magic_cli.contracts import IGNORE, Dataset
+from magic_cli.data.augment import flip_translate
+from magic_cli.data.text import ALPHABET
+from magic_cli.determinism import derive_seed
 from magic_cli.errors import ConfigError
+from magic_cli.models.hf import _transformers, resolve_path
 from magic_cli.readers import read_arrays, read_image, read_jsonl, read_npz, read_table, read_text
 from magic_cli.storage import npz_bytes, save_bytes, sha256_tree
 
@@ -40,9 +44,6 @@ def _paths(path, train_path, test_path) -> list[str]:
 
 def _split(n: int, seed: int, test_fraction: float):
     import numpy as np
-
-    from magic_cli.determinism import derive_seed
-
     if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise ConfigError(f"dataset.test_fraction must be in (0, 1), got {test_fraction}")
     perm = np.random.default_rng(derive_seed(seed, "split")).permutation(n)
@@ -83,9 +84,6 @@ def _classification(name, parts, seed, test_fraction, n_classes, standardize):
     """parts: [(x, y)] of one file (split here) or [(x_train, y_train), (x_test, y_test)]."""
     import numpy as np
     import torch
-
-    from magic_cli.contracts import Dataset
-
     if len(parts) == 1:
         (x, y), = parts
         train, test = _split(len(y), seed, test_fraction)
@@ -193,7 +191,6 @@ def image_folder(seed: int, *, path: str = None, train_path: str = None, test_pa
                  translate: int = 0):
     """Images in torchvision's ImageFolder layout (root/<class>/<image>), all of one size, as
     (3, H, W) standardised per channel with training statistics; optional pure augmentation."""
-    from magic_cli.data.augment import flip_translate
 
     parts, names = [], None
     for p in _paths(path, train_path, test_path):
@@ -296,7 +293,6 @@ def _language(name, parts, seed, test_fraction, vocab_size):
     import numpy as np
     import torch
 
-    from magic_cli.contracts import Dataset
     if len(parts) == 1:
         train, test = _split(len(parts[0][0]), seed, test_fraction)
         parts = [(parts[0][0][train], parts[0][1][train]), (parts[0][0][test], parts[0][1][test])]
@@ -330,9 +326,6 @@ def text_file(seed: int, *, path: str = None, train_path: str = None, test_path:
     alphabet of text_chars; other characters become '?'), or with `tokenizer` (a folder written by
     a transformers tokenizer's save_pretrained, or a hub name) its tokens."""
     import numpy as np
-
-    from magic_cli.data.text import ALPHABET
-
     if not isinstance(context, int) or context < 1:
         raise ConfigError(f"dataset.context must be a positive integer, got {context!r}")
     if tokenizer is None:
@@ -355,7 +348,6 @@ def text_file(seed: int, *, path: str = None, train_path: str = None, test_path:
 
 def load_tokenizer(name: str):
     """A transformers tokenizer from a save_pretrained folder or a hub name (one line otherwise)."""
-    from magic_cli.models.hf import _transformers, resolve_path
 
     folder = resolve_path(name, weights=False)
     try:

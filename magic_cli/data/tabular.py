@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+from magic_cli.contracts import Dataset
+from magic_cli.data.augment import flip_translate
+from magic_cli.determinism import derive_seed
 from magic_cli.errors import ConfigError
 
 
 def _split_standardise(name: str, x, y, seed: int, test_fraction: float):
     import numpy as np
     import torch
-
-    from magic_cli.contracts import Dataset
-    from magic_cli.determinism import derive_seed
-
     if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise ConfigError(f"dataset.test_fraction must be in (0, 1), got {test_fraction}")
     n = len(y)
@@ -32,9 +31,6 @@ def digits(seed: int, *, test_fraction: float = 0.2, images: bool = False, flip:
     """1797 handwritten digits, 8x8 pixels as 64 features, or as (1, 8, 8) images with optional
     augmentation (flip, translate by up to `translate` pixels) for the CNNs."""
     from sklearn.datasets import load_digits
-
-    from magic_cli.data.augment import flip_translate
-
     d = load_digits()
     ds = _split_standardise("digits", d.data.astype("float64"), d.target, seed, test_fraction)
     if images:

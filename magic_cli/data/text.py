@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import string
 
+from magic_cli.contracts import Dataset
+from magic_cli.determinism import derive_seed
 from magic_cli.errors import ConfigError
 
 ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"  # everything else -> '?'
@@ -16,10 +18,6 @@ def text_chars(seed: int, *, context: int = 32, n_train: int = 1000, n_test: int
 
     import numpy as np
     import torch
-
-    from magic_cli.contracts import Dataset
-    from magic_cli.determinism import derive_seed
-
     text = "\n".join(topics[k] for k in sorted(topics))
     index = {c: i for i, c in enumerate(ALPHABET)}
     unknown = index["?"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from magic_cli.errors import ConfigError
 from magic_cli.models.layers import activation, linear, linear_init
+from magic_cli.models.layers import activation as check_activation
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,6 @@ class MLP:
 
 def mlp(input_shape: tuple, n_classes: int, *, hidden: list = (128,), activation: str = "gelu"):
     """MLP with hidden widths `hidden` and a smooth `activation` by default."""
-    from magic_cli.models.layers import activation as check_activation
 
     check_activation(activation)
     if not isinstance(hidden, (list, tuple)) or not all(isinstance(h, int) and h >= 1 for h in hidden):

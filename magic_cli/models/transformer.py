@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from magic_cli.errors import ConfigError
 from magic_cli.models.layers import activation, linear, linear_init, uniform_
+from magic_cli.models.layers import activation as check
 
 
 def layer_norm(x, params, name, eps=1e-5):
@@ -76,7 +77,6 @@ def transformer(input_shape: tuple, n_classes: int, *, dim: int = 64, n_layers: 
             raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
     if dim % n_heads:
         raise ConfigError(f"model.dim={dim} must be a multiple of model.n_heads={n_heads}")
-    from magic_cli.models.layers import activation as check
 
     check(activation)
     return Transformer(n_classes, input_shape[0], int(dim), int(n_layers), int(n_heads), activation)

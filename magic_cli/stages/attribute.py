@@ -203,9 +203,9 @@ def merge_lock(run, method: str, exclusive: bool):
     """Serialises merges of attribute/<method>/ (and lets a reader see scores.npy and its sidecar
     as one). Waits: a merge takes well under a second per thousand ids."""
 
-    folder = run.attribute_dir(method)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".merge.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    path = run.merge_lock_file(method)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield

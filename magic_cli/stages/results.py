@@ -48,7 +48,6 @@ class Run:
     """A finished run directory, read-only."""
 
     def __init__(self, root):
-
         self.dir = RunDir(root)
         self.dir.check_marker()
         if not self.dir.fingerprint_json.is_file():
@@ -87,7 +86,7 @@ class Run:
         return load_npy(self.dir.train_outputs(output))
 
     def drop_fractions(self) -> list[float]:
-        base = self.root / "ground_truth"
+        base = self.dir.ground_truth_root
         return sorted(float(p.name[len("drop_"):]) for p in base.glob("drop_*")) if base.is_dir() else []
 
     def ground_truth(self, p: float, output: str = "loss"):
@@ -103,12 +102,12 @@ class Run:
 
     def lds(self):
         """The per-test LDS table of the last `magic score` (method, drop, test_id, spearman, pearson, slope)."""
-        summary = self.dir.report_dir / "summary.json"
+        summary = self.dir.report_file("summary.json")
         if not summary.is_file():
             raise StageError(f"no report in {self.root}: run `magic score`")
         if json.loads(summary.read_text()).get("fingerprint") != self.fingerprint:
             raise StageError(f"the report in {self.root} belongs to another training run: run `magic score` again")
-        return pd.read_csv(self.dir.report_dir / "lds.csv")
+        return pd.read_csv(self.dir.report_file("lds.csv"))
 
 
 def load_run(root) -> Run:

@@ -54,16 +54,17 @@ class ScoreResult:
     missing_drop_fractions: tuple[float, ...]  # configured, with no complete ground truth yet
     test_accuracy: float
     report_dir: Path
+    report_path: Path  # report/report.md
     summary: dict = field(repr=False)
 
     @classmethod
-    def of(cls, summary: dict, report_dir: Path) -> "ScoreResult":
+    def of(cls, summary: dict, run: RunDir) -> "ScoreResult":
         lds = {method: {float(p): Lds(s["mean"], s["ci_low"], s["ci_high"], s["n_test"], s["n_subsets"],
                                       s["pearson"], s["slope"],
                                       tuple((w["test_id"], w["lds"], w["slope"]) for w in s["low_lds"]))
                         for p, s in per_drop.items()} for method, per_drop in summary["lds"].items()}
         return cls(lds, dict(summary["seconds"]), summary["output"], tuple(summary["missing_drop_fractions"]),
-                   summary["test_accuracy"], Path(report_dir), summary)
+                   summary["test_accuracy"], run.report_dir, run.report_file("report.md"), summary)
 
     def low_lds_lines(self, limit: int = 6) -> list[str]:
         return low_lds_lines(self.summary, limit)
@@ -136,7 +137,7 @@ def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> Scor
     save_bytes(run.report_file("lds_vs_drop.png"), _plot_lds(result))
     for (method, p), (pred, act, sids) in scatter_data.items():
         save_bytes(run.report_file(f"scatter_{method}_{p:g}.png"), _plot_scatter(method, p, pred, act, sids))
-    return ScoreResult.of(result, run.report_dir)
+    return ScoreResult.of(result, run)
 
 
 def low_lds_lines(result: dict, limit: int = 6) -> list[str]:

@@ -44,6 +44,7 @@ from magic_cli.plots import figure_bytes, pyplot
 from magic_cli.progress import no_progress
 from magic_cli.run_dir import (
     RunDir,
+    SweepDir,
     json_text,
     load_npz,
     npz_bytes,
@@ -275,11 +276,6 @@ def _slug(overrides: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", "_".join(o.lstrip("+~") for o in overrides))[:120]
 
 
-def sweep_dir(config) -> Path:
-    root = Path(config.out_dir)
-    return root.parent / f"{root.name}-sweep"
-
-
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points (accuracy, S) that no other point beats in both (ties allowed)."""
     return [i for i, (a, s) in enumerate(points)
@@ -303,12 +299,12 @@ def sweep_stage(overrides: list[str], config_dir: str | None, workers: int = 1,
     base = load(fixed, config_dir)
     combos = combinations(axes)
     configs = [load(fixed + combo, config_dir) for combo in combos]  # every combination validated first
-    folder = sweep_dir(base)
-    _claim_sweep(folder)
+    sweep = SweepDir(base.out_dir)
+    _claim_sweep(sweep)
 
     rows = []
     for k, (combo, config) in enumerate(zip(combos, configs)):
-        out = folder / f"{k:02d}-{_slug(combo)}"
+        out = sweep.combination(k, _slug(combo))
         config = dataclasses.replace(config, out_dir=str(out), raw={**config.raw, "out_dir": str(out)})
         s = smoothness_stage(config, RunDir(out), workers, _labelled(progress_factory, f"[{k + 1}/{len(combos)}] "
                                                                                      f"{' '.join(combo)}"))
@@ -325,12 +321,12 @@ def sweep_stage(overrides: list[str], config_dir: str | None, workers: int = 1,
     result = {"fixed": fixed, "axes": [{"key": k, "values": v} for k, v in axes], "rows": rows,
               "recommended": rows[pick]["overrides"], "recommended_index": pick,
               "accuracy_gap": best - rows[pick]["test_accuracy"], "smooth_found": rows[pick]["S_outputs"] >= SMOOTH}
-    save_text(folder / "sweep.csv", table.to_csv(index=False))
-    save_text(folder / "sweep.md", _sweep_markdown(result))
-    save_bytes(folder / "sweep.png", _sweep_plot(rows, pick))
-    save_json(folder / "sweep.json", result)
+    save_text(sweep.file("sweep.csv"), table.to_csv(index=False))
+    save_text(sweep.file("sweep.md"), _sweep_markdown(result))
+    save_bytes(sweep.file("sweep.png"), _sweep_plot(rows, pick))
+    save_json(sweep.file("sweep.json"), result)
     return SweepResult(tuple(rows), result["recommended"], pick, result["accuracy_gap"], result["smooth_found"],
-                       folder, result)
+                       sweep.root, result)
 
 
 def _labelled(progress_factory, label: str):
@@ -340,17 +336,14 @@ def _labelled(progress_factory, label: str):
     return lambda _description, total: progress_factory(label, total)
 
 
-SWEEP_MARKER = "magic-sweep.json"
-
-
-def _claim_sweep(folder: Path) -> None:
-
-    if folder.exists() and not (folder / SWEEP_MARKER).is_file() and any(folder.iterdir()):
-        raise StageError(f"{folder} is not empty and is not a magic sweep folder (no {SWEEP_MARKER}); "
+def _claim_sweep(sweep: SweepDir) -> None:
+    folder = sweep.root
+    if folder.exists() and not sweep.marker.is_file() and any(folder.iterdir()):
+        raise StageError(f"{folder} is not empty and is not a magic sweep folder (no {sweep.MARKER}); "
                          "choose another out_dir")
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / SWEEP_MARKER).is_file():
-        save_json(folder / SWEEP_MARKER, {"magic_sweep": True})
+    if not sweep.marker.is_file():
+        save_json(sweep.marker, {"magic_sweep": True})
 
 
 def _sweep_markdown(result: dict) -> str:
