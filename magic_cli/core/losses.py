@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from magic_cli.contracts import IGNORE
+from magic_cli.contracts import IGNORE, OutputFunction
 from magic_cli.names import LOSS_REDUCTIONS, OUTPUTS
 
 
@@ -52,7 +52,7 @@ def per_example_correct(logits, y):
     return right.sum(1).double() / mask.sum(1).clamp(min=1)
 
 
-OUTPUT_FUNCTIONS = {"loss": per_example_loss, "margin": per_example_margin}
+OUTPUT_FUNCTIONS: dict[str, OutputFunction] = {"loss": per_example_loss, "margin": per_example_margin}
 assert tuple(OUTPUT_FUNCTIONS) == OUTPUTS
 __all__ = ["LOSS_REDUCTIONS", "OUTPUT_FUNCTIONS", "per_example_loss", "per_example_margin",
            "per_example_correct", "token_losses"]

@@ -48,7 +48,7 @@ class PassResult:
 
 class Attributor(Protocol):
     name: str
-    needs_states: bool  # the stored checkpoints (MAGIC's reverse pass), besides the final state
+    walks_training: bool  # a pass walks back over the T training steps (the stage draws a progress bar)
 
     def settings(self, config: "Config") -> dict: ...
 
@@ -65,7 +65,7 @@ class Magic:
     """Exact: d f_j / d w by reverse-mode through the whole training run (core/metagrad.py)."""
 
     name: str = "magic"
-    needs_states: bool = True
+    walks_training: bool = True
 
     def settings(self, config) -> dict:
         # compiled scores have other last bits than eager ones: never merged into one folder
@@ -107,7 +107,7 @@ class Baseline:
     name: str
     fn: Callable  # (problem, final, test_ids, output, options) -> (N, J) tensor
     options_of: Callable = lambda config: {}  # noqa: E731  (its hyperparameters from the config)
-    needs_states: bool = False
+    walks_training: bool = False
 
     def settings(self, config) -> dict:
         return self.options_of(config)
@@ -139,8 +139,4 @@ ATTRIBUTORS: dict[str, Attributor] = {
 assert tuple(ATTRIBUTORS) == METHODS, "the registry and magic_cli.names.METHODS list the same methods"
 
 
-def attributor(name: str) -> Attributor:
-    return ATTRIBUTORS[name]
-
-
-__all__ = ["ATTRIBUTORS", "Attributor", "GroupPlan", "PassResult", "attributor"]
+__all__ = ["ATTRIBUTORS", "Attributor", "GroupPlan", "PassResult"]

@@ -140,7 +140,7 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
             label = (f"{method} {n_ids} id{'s' if n_ids > 1 else ''}"
                      f"{f' in {len(passes)} groups' if len(passes) > 1 else ''} ({done}/{sum(map(len, todo))})")
             begin = time.perf_counter()
-            if attributor.needs_states:  # a walk over the training steps: a progress bar
+            if attributor.walks_training:  # a walk over the training steps: a progress bar
                 with (progress_factory or no_progress)(label, problem.total_steps) as advance:
                     result = run_pass(passes, output, advance)
             else:
