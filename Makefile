@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKERS ?= $(shell nproc 2>/dev/null || echo 1)  # retraining processes for the ground truth
 
-.PHONY: help install demo test test-slow test-slurm lint bench clean
+.PHONY: help install demo test test-slow test-slurm test-browser lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,7 +30,7 @@ demo: install  ## the whole pipeline on the embedded default (digits MLP): train
 	@echo "report: runs/default/report/report.md"
 
 test: install  ## the test suite (fast; what CI runs)
-	$(BIN)/python -m pytest -q -m "not slow and not slurm"
+	$(BIN)/python -m pytest -q -m "not slow and not slurm and not browser"
 
 test-slow: install  ## the slow tests only (longer end-to-end checks)
 	$(BIN)/python -m pytest -q -m slow
@@ -39,6 +39,11 @@ test-slurm: install  ## the SLURM tests, against a single-node cluster started h
 	scripts/slurm_local.sh start
 	set -e; trap 'scripts/slurm_local.sh stop' EXIT; \
 	  SLURM_CONF=$$(scripts/slurm_local.sh env | cut -d= -f2) $(BIN)/python -m pytest -q -m slurm
+
+test-browser: install  ## the report page in headless Chromium (installs Debian's chromium if missing; needs root)
+	command -v chromium >/dev/null || { apt-get install -y -q --no-install-recommends chromium >/dev/null || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; }
+	$(BIN)/python -m pytest -q -m browser
 
 lint: install  ## ruff
 	$(BIN)/ruff check magic_cli tests scripts

@@ -6,6 +6,7 @@
     magic_cli.train(cfg)                                   # TrainResult
     magic_cli.attribute(cfg, test_ids="0:50")              # AttributeResult (exact MAGIC)
     magic_cli.attribute(cfg, test_ids=[0, 1], method="trak")
+    magic_cli.explain(cfg, test_ids=[0, 7], k=8)           # ExplainResult: galleries in report/explain/
     magic_cli.retrain_ground_truth(cfg, workers=2)         # GroundTruthResult
     result = magic_cli.score(cfg)                          # ScoreResult: result.lds["magic"][0.01].mean
     run = magic_cli.load_run(cfg.out_dir)                  # read what the stages wrote
@@ -23,6 +24,7 @@ from typing import Sequence
 from magic_cli.config import Config, load, with_values
 from magic_cli.run_dir import RunDir
 from magic_cli.stages.attribute import AttributeResult, attribute_stage
+from magic_cli.stages.explain import ExplainResult, explain_stage
 from magic_cli.stages.ground_truth import GroundTruthResult, ground_truth_stage
 from magic_cli.stages.results import Run, load_run
 from magic_cli.stages.score import ScoreResult, score_stage
@@ -50,6 +52,17 @@ def attribute(cfg: Config, test_ids: str | Sequence[int], method: str | None = N
     return attribute_stage(cfg, RunDir(cfg.out_dir), spec, overwrite=overwrite, progress_factory=progress)
 
 
+def explain(cfg: Config, test_ids: str | Sequence[int], k: int = 8, method: str | None = None,
+            verify: bool = False, workers: int = 1, progress=None) -> ExplainResult:
+    """`magic explain`: the top-k proponents and opponents of each test id, drawn as the data they
+    are (report/explain/); with verify, retrained without them to compare predicted and actual."""
+    if method is not None:
+        cfg = with_values(cfg, [f"attribute.method={method}"])
+    spec = test_ids if isinstance(test_ids, str) else ",".join(str(int(i)) for i in test_ids)
+    return explain_stage(cfg, RunDir(cfg.out_dir), spec, k=k, verify=verify, workers=workers,
+                         progress_factory=progress)
+
+
 def retrain_ground_truth(cfg: Config, workers: int = 1, shard: str | None = None, merge_only: bool = False,
                          progress=None) -> GroundTruthResult:
     """`magic retrain-ground-truth`: retrain on the seeded random subsets (resumable, shardable)."""
@@ -74,6 +87,6 @@ def smoothness_sweep(overrides: Sequence[str], config_dir: str | None = None, wo
                        progress_factory=progress)
 
 
-__all__ = ["AttributeResult", "Config", "GroundTruthResult", "Run", "ScoreResult", "SmoothnessResult", "SweepResult",
-           "TrainResult", "attribute", "compose", "load_run", "retrain_ground_truth", "score", "smoothness",
-           "smoothness_sweep", "train"]
+__all__ = ["AttributeResult", "Config", "ExplainResult", "GroundTruthResult", "Run", "ScoreResult",
+           "SmoothnessResult", "SweepResult", "TrainResult", "attribute", "compose", "explain", "load_run",
+           "retrain_ground_truth", "score", "smoothness", "smoothness_sweep", "train"]

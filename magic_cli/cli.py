@@ -53,6 +53,7 @@ OUT_OF_MEMORY = {
     "retrain-ground-truth": "lower --workers or train.batch_size",
     "score": "attribute fewer test ids",
     "smoothness": "lower --workers or train.batch_size",
+    "explain": "lower --workers or train.batch_size",
 }
 
 
@@ -133,6 +134,42 @@ def attribute(
                          f"(test ids {ids}): training amplifies perturbations, so expect a low LDS; "
                          "`magic smoothness` measures it before attribution")
     typer.echo(f"wrote {result.scores_path} {result.shape} ({result.merged_ids} test ids)")
+
+
+@app.command()
+def explain(
+    test_ids: Annotated[str, typer.Option(
+        "--test-ids", help="Test examples to explain (attributed already): 3 | 0,5,9 | 0:4 | @file.",
+        show_default=False)],
+    overrides: Overrides = None, config_dir: ConfigDir = None,
+    k: Annotated[int, typer.Option("--k", help="Proponents and opponents shown per test id.")] = 8,
+    method: Annotated[Optional[str], typer.Option(
+        "--method", help="Whose scores: magic (default) | grad-dot | tracin | trak | ekfac.",
+        show_default=False)] = None,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Retrain without the top-k proponents, the top-k opponents and k random examples "
+                         "(k = 1, 4, 16, 64) and compare the actual change of the test loss with the predicted "
+                         "one.")] = False,
+    workers: Annotated[int, typer.Option(
+        "--workers", help="Parallel retraining processes for --verify (results do not depend on it).")] = 1,
+):
+    """Which training examples made these predictions: the top proponents and opponents, drawn as the
+    data they are (report/explain/); --verify checks the claim by retraining without them."""
+    from magic_cli import api
+    from magic_cli.progress import rich_progress
+
+    cfg = _load(list(overrides or []) + ([f"attribute.method={method}"] if method else []), config_dir)
+    res = _run("explain", api.explain, cfg, test_ids, k=k, verify=verify, workers=workers, progress=rich_progress)
+    sign = "raise" if res.output == "loss" else "lower"
+    typer.echo(f"{res.method} scores d {res.output} / d w: dropping a proponent is predicted to {sign} the "
+               f"{res.output}, dropping an opponent the opposite")
+    for e in res.explanations:
+        top = ", ".join(f"{p.train_id} ({p.score:+.3g})" for p in e.proponents[:4])
+        typer.echo(f"test {e.test_id} (label {e.label or '-'}, {res.output} {e.output:.4f}): proponents {top} ...")
+        for c in (c for c in res.checks if c.test_id == e.test_id and c.kind != "opponents"):
+            typer.echo(f"  without {c.k:>2} {c.kind:<10} predicted {c.predicted:+.4f}  actual {c.actual:+.4f}"
+                       f"{'  (class flips)' if c.flipped else ''}")
+    typer.echo(f"wrote {res.markdown} and {len(res.explanations)} galleries")
 
 
 @app.command("retrain-ground-truth")

@@ -38,6 +38,10 @@ class Dataset:
     n_classes: int
     # Optional pure augmentation: (x_batch, example_ids, seed, step) -> x_batch.
     augment: Callable | None = None
+    # Optional, for showing examples (magic explain): the inputs as a person reads them, numpy
+    # (x_train, x_test) before standardising, and the feature columns' names.
+    raw: tuple | None = None
+    columns: tuple | None = None
 
     @property
     def n_train(self) -> int:

@@ -350,6 +350,18 @@ class RunDir:
     def report_dir(self) -> Path:
         return self.root / "report"
 
+    @property
+    def explain_dir(self) -> Path:
+        return self.report_dir / "explain"
+
+    def explain_file(self, name: str) -> Path:
+        """A file of report/explain/: <method>_<test id>.png, <method>.md, <method>.json."""
+        return self.explain_dir / name
+
+    def explain_verify_file(self, method: str, test_id: int, kind: str, k: int) -> Path:
+        """One retraining of `magic explain --verify`: without the top-k `kind` examples of a test id."""
+        return self.explain_dir / "verify" / f"{method}_{test_id}_{kind}_{k}.npz"
+
     def report_file(self, name: str) -> Path:
         """A file of report/: lds.csv, summary.json, report.md, lds_vs_drop.png, scatter_<method>_<p>.png."""
         return self.report_dir / name

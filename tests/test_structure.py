@@ -6,7 +6,7 @@ The layers, top to bottom; a module may import its own layer or any layer below 
 
     faces      cli, api, __main__                 the Typer commands and the Python API
     stages     stages/*                           read + verify, call the core, write
-    services   run_dir, launcher, workers, plots  the run directory, executors, figures
+    services   run_dir, launcher, workers, plots, render   the run directory, executors, figures
     config     config, plugins                    compose + validate; user code enters
     core       core/*                             the computation: no files
     registries models/*, data/*                   name -> builder
@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "magic_cli"
 LAYERS = [
     ("faces", ("cli", "api", "__main__")),
     ("stages", ("stages",)),
-    ("services", ("run_dir", "launcher", "workers", "plots")),
+    ("services", ("run_dir", "launcher", "workers", "plots", "render")),
     ("config", ("config", "plugins")),
     ("core", ("core",)),
     ("registries", ("models", "data")),

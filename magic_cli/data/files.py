@@ -80,7 +80,7 @@ def _features(x, where: str):
     return x
 
 
-def _classification(name, parts, seed, test_fraction, n_classes, standardize):
+def _classification(name, parts, seed, test_fraction, n_classes, standardize, columns=None):
     """parts: [(x, y)] of one file (split here) or [(x_train, y_train), (x_test, y_test)]."""
     import numpy as np
     import torch
@@ -94,6 +94,7 @@ def _classification(name, parts, seed, test_fraction, n_classes, standardize):
     if x_tr.shape[1:] != x_te.shape[1:]:
         raise ConfigError(f"dataset: train and test features differ in shape: {x_tr.shape[1:]} vs {x_te.shape[1:]}")
     classes = int(n_classes) if n_classes is not None else int(max(y_tr.max(), y_te.max())) + 1
+    raw = (x_tr, x_te) if x_tr.ndim == 2 else None  # images: shown from the standardised ones (no copy)
     if standardize:
         axes = (0,) if x_tr.ndim == 2 else (0, 2, 3)
         mean, std = x_tr.mean(axis=axes, keepdims=True), x_tr.std(axis=axes, keepdims=True)
@@ -101,7 +102,7 @@ def _classification(name, parts, seed, test_fraction, n_classes, standardize):
         x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
     t = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))  # noqa: E731
     return Dataset(name, t(x_tr, np.float64), t(y_tr, np.int64), t(x_te, np.float64), t(y_te, np.int64),
-                   n_classes=classes)
+                   n_classes=classes, raw=raw, columns=tuple(columns) if columns is not None else None)
 
 
 # --- formats ---------------------------------------------------------------------------------------
@@ -146,7 +147,8 @@ def table(seed: int, *, path: str = None, train_path: str = None, test_path: str
     number = {c: i for i, c in enumerate(classes)}
     parts = [(_features(f.drop(columns=[label]).to_numpy(), "dataset"),
               np.array([number[v] for v in f[label].tolist()], dtype=np.int64)) for f in frames]
-    return _classification("table", parts, seed, test_fraction, len(classes), standardize)
+    columns = [str(c) for c in frames[0].columns if c != label]
+    return _classification("table", parts, seed, test_fraction, len(classes), standardize, columns)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")

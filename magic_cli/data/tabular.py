@@ -8,7 +8,7 @@ from magic_cli.determinism import derive_seed
 from magic_cli.errors import ConfigError
 
 
-def _split_standardise(name: str, x, y, seed: int, test_fraction: float):
+def _split_standardise(name: str, x, y, seed: int, test_fraction: float, columns=None):
     import numpy as np
     import torch
     if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
@@ -20,11 +20,13 @@ def _split_standardise(name: str, x, y, seed: int, test_fraction: float):
     mean = x[train].mean(axis=0)
     std = x[train].std(axis=0)
     std[std == 0] = 1.0  # constant pixels (digits' borders) stay at 0
+    raw = x
     x = (x - mean) / std
     as_x = lambda idx: torch.from_numpy(np.ascontiguousarray(x[idx], dtype=np.float64))  # noqa: E731
     as_y = lambda idx: torch.from_numpy(np.ascontiguousarray(y[idx], dtype=np.int64))  # noqa: E731
     return Dataset(name=name, x_train=as_x(train), y_train=as_y(train), x_test=as_x(test),
-                   y_test=as_y(test), n_classes=int(y.max()) + 1)
+                   y_test=as_y(test), n_classes=int(y.max()) + 1, raw=(raw[train], raw[test]),
+                   columns=tuple(columns) if columns is not None else None)
 
 
 def digits(seed: int, *, test_fraction: float = 0.2, images: bool = False, flip: bool = False, translate: int = 0):
@@ -46,7 +48,8 @@ def breast_cancer(seed: int, *, test_fraction: float = 0.2):
     from sklearn.datasets import load_breast_cancer
 
     d = load_breast_cancer()
-    return _split_standardise("breast_cancer", d.data.astype("float64"), d.target, seed, test_fraction)
+    return _split_standardise("breast_cancer", d.data.astype("float64"), d.target, seed, test_fraction,
+                              d.feature_names)
 
 
 def wine(seed: int, *, test_fraction: float = 0.2):
@@ -54,4 +57,4 @@ def wine(seed: int, *, test_fraction: float = 0.2):
     from sklearn.datasets import load_wine
 
     d = load_wine()
-    return _split_standardise("wine", d.data.astype("float64"), d.target, seed, test_fraction)
+    return _split_standardise("wine", d.data.astype("float64"), d.target, seed, test_fraction, d.feature_names)

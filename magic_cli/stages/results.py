@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -99,6 +100,28 @@ class Run:
             raise StageError(f"{e}; run `magic retrain-ground-truth`") from None
         masks = make_masks(int(self.metrics["n_train"]), p, side["num_subsets"], side["seed"])
         return masks, load_npy(path)
+
+    def explain(self, test_id: int, k: int = 8, method: str = "magic"):
+        """The top-k proponents and opponents of a test id as a tidy frame: train_id, score, rank, kind
+        (proponent: dropping it is predicted to raise the test loss the most), and label and preview
+        where `magic explain` drew this test id (report/explain/); computed from the verified scores."""
+        scores = self.scores(method)
+        if test_id not in scores.test_ids:
+            raise StageError(f"test id {test_id} has no {method} scores: run `magic attribute --test-ids {test_id}`")
+        tau = scores.values[:, scores.test_ids.index(test_id)]
+        helpful = -1.0 if scores.output == "loss" else 1.0
+        order = np.argsort(helpful * -tau, kind="stable")
+        rows = [{"train_id": int(i), "score": float(tau[i]), "rank": r + 1, "kind": kind}
+                for kind, chosen in (("proponent", order[:k]), ("opponent", order[::-1][:k]))
+                for r, i in enumerate(chosen)]
+        drawn = self.dir.explain_file(f"{method}.json")
+        if drawn.is_file():
+            shown = {(r["kind"], r["train_id"]): r for r in json.loads(drawn.read_text())["rows"]
+                     if r["test_id"] == test_id}
+            for row in rows:
+                drawn_row = shown.get((row["kind"], row["train_id"]), {})
+                row["label"], row["preview"] = drawn_row.get("label"), drawn_row.get("preview")
+        return pd.DataFrame(rows)
 
     def lds(self):
         """The per-test LDS table of the last `magic score` (method, drop, test_id, spearman, pearson, slope)."""

@@ -25,6 +25,7 @@ from magic_cli.stages.assemble import load_data_weights
 from magic_cli.stages.attribute import load_scores
 from magic_cli.stages.checkpoints import REPAIR
 from magic_cli.stages.ground_truth import load_ground_truth
+from magic_cli.stages.page import write_index
 
 SCATTER_IDS = 4  # test ids per scatter plot
 LOW_LDS = 0.5  # `score` names the test ids whose LDS is below this, with their slope
@@ -137,6 +138,7 @@ def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> Scor
     save_bytes(run.report_file("lds_vs_drop.png"), _plot_lds(result))
     for (method, p), (pred, act, sids) in scatter_data.items():
         save_bytes(run.report_file(f"scatter_{method}_{p:g}.png"), _plot_scatter(method, p, pred, act, sids))
+    write_index(run, config.name)
     return ScoreResult.of(result, run)
 
 

@@ -1,0 +1,303 @@
+"""`magic explain`: which training examples made this prediction, shown as the data they are, and,
+with --verify, what actually happens when they are dropped.
+
+    report/explain/<method>_<test id>.png     the gallery: the test example, top-k proponents, top-k opponents
+    report/explain/<method>.md, <method>.json  the tables (Markdown for people, JSON rows for programs)
+    report/index.html                          the page of the whole report (stages/page.py)
+    report/explain/verify/<method>_<id>_<kind>_<k>.npz  one retraining without k examples (--verify;
+                                               resumable, each with its sidecar)
+
+Sign convention (DESIGN.md §1): scores[i, j] = d f_j / d w_i. Dropping a set D of training
+examples is predicted to change f_j by -sum_{i in D} w0_i scores[i, j]. For the loss output a
+**proponent** of test example j is one whose dropping is predicted to raise its loss the most
+(the most negative scores) and an **opponent** one whose dropping is predicted to lower it the
+most (the most positive); for the margin output the signs are reversed (a proponent supports
+the margin). --verify retrains without the top-k proponents, without the top-k opponents and
+without k random examples (the control), with the same determinism as the ground truth, and
+compares the actual change of f_j with the predicted one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from magic_cli.config import Config, parse_test_ids
+from magic_cli.data.files import load_tokenizer
+from magic_cli.data.text import ALPHABET
+from magic_cli.determinism import derive_seed, enable_determinism
+from magic_cli.errors import ConfigError, StageError
+from magic_cli.progress import no_progress
+from magic_cli.render import Shown, gallery_png, image_of, kind_of, snippet, text_of
+from magic_cli.run_dir import (
+    RunDir,
+    load_npz,
+    npz_bytes,
+    save_artifact,
+    save_bytes,
+    save_text,
+    sha256_bytes,
+    status,
+    verify,
+)
+from magic_cli.stages.assemble import assemble, load_data_weights
+from magic_cli.stages.attribute import load_scores, settings_of
+from magic_cli.stages.checkpoints import REPAIR, load_state
+from magic_cli.stages.ground_truth import init_worker, worker
+from magic_cli.stages.page import write_index
+from magic_cli.workers import run_tasks
+
+VERIFY_KS = (1, 4, 16, 64)  # examples dropped by --verify (those above a quarter of N are skipped)
+KINDS = ("proponents", "opponents", "random")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example in an explanation."""
+
+    train_id: int
+    rank: int  # 1 = the strongest
+    kind: str  # proponent | opponent
+    score: float  # d f_j / d w_i
+    label: str
+    preview: str  # the example as text (decoded tokens, a feature row), "" for an image
+
+
+@dataclass(frozen=True)
+class Explanation:
+    test_id: int
+    label: str
+    prediction: str  # the trained model's predicted class ("" for sequences)
+    output: float  # f_j(w0): the test loss (or margin) of the trained model
+    proponents: tuple[Example, ...]
+    opponents: tuple[Example, ...]
+    gallery: Path  # the PNG
+
+
+@dataclass(frozen=True)
+class Check:
+    """One counterfactual of --verify: retrained without k examples of one kind."""
+
+    test_id: int
+    kind: str  # proponents | opponents | random
+    k: int
+    predicted: float  # predicted change of f_j
+    actual: float  # measured change of f_j after retraining
+    flipped: bool  # the predicted class of the test example changed
+
+    @property
+    def ratio(self) -> float:
+        return self.actual / self.predicted if self.predicted != 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class ExplainResult:
+    method: str
+    output: str
+    k: int
+    explanations: tuple[Explanation, ...]
+    checks: tuple[Check, ...]  # empty without --verify
+    retrained: int  # retrainings this command ran (--verify)
+    seconds: float
+    markdown: Path
+    table: Path  # the JSON rows
+
+
+def explain_stage(config: Config, run: RunDir, test_ids_spec: str, k: int = 8, verify: bool = False,
+                  workers: int = 1, progress_factory=None) -> ExplainResult:
+    if k < 1:
+        raise ConfigError(f"--k must be >= 1, got {k}")
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    enable_determinism(config.device, config.threads)
+    with run.lock(exclusive=False):
+        run.clean(exclusive=False)
+        record = run.require_trained(config)
+        problem = assemble(config)
+        return _explain(config, run, record, problem, test_ids_spec, k, verify, workers, progress_factory)
+
+
+def _explain(config, run, record, problem, spec, k, verify, workers, progress_factory) -> ExplainResult:
+    start = time.perf_counter()
+    ds, method = problem.dataset, config.attribute.method
+    ids = parse_test_ids(spec, ds.n_test)
+    if k > ds.n_train:
+        raise ConfigError(f"--k {k} is more than the {ds.n_train} training examples")
+    scores, side = load_scores(run, method, record["fingerprint"])
+    missing = [i for i in ids if i not in side["test_ids"]]
+    if missing:
+        listed = ",".join(map(str, missing[:8]))
+        many = len(missing) > 1
+        raise StageError(f"test id{'s' * many} {listed} {'have' if many else 'has'} no {method} scores yet: run `magic "
+                         f"attribute --test-ids {listed} --method {method}` first")
+    output = side["output"]
+    helpful = -1.0 if output == "loss" else 1.0  # a proponent's score has this sign
+    column = {t: c for c, t in enumerate(side["test_ids"])}
+    tau = {j: np.asarray(scores[:, column[j]], dtype=np.float64) for j in ids}  # (N,) each
+    w0 = load_data_weights(config.train.data_weights, ds.n_train) if config.train.data_weights else np.ones(ds.n_train)
+
+    final = _final_state(run, record, problem)
+    base, predicted_class = _outputs(problem, final, ids, output)
+    # as a person reads them: before standardising where the dataset kept that
+    x_train, x_test = ds.raw if ds.raw is not None else (ds.x_train.cpu().numpy(), ds.x_test.cpu().numpy())
+    kind = kind_of(x_train, ds.name)
+    decode = _decoder(config, kind)
+    columns = list(ds.columns) if ds.columns is not None else None
+    label = lambda y: "" if y.dim() else str(int(y))  # noqa: E731  (sequences have no one label)
+
+    def shown(x, title) -> Shown:
+        return Shown(title, image_of(x, kind), text_of(x, kind, decode, columns))
+
+    explanations = []
+    for j in ids:
+        order = np.argsort(helpful * -tau[j], kind="stable")  # most helpful first
+        picks = {"proponent": order[:k], "opponent": order[::-1][:k]}
+        rows = {name: tuple(Example(int(i), r + 1, name, float(tau[j][i]), label(ds.y_train[i]),
+                                    text_of(x_train[i], kind, decode, columns)) for r, i in enumerate(chosen))
+                for name, chosen in picks.items()}
+        test_title = _title(f"test {j}", label(ds.y_test[j]), predicted_class[j], f"{output} {base[j]:.3f}")
+        gallery = run.explain_file(f"{method}_{j}.png")
+        heading = f"{method}: test id {j}, top {k} proponents and opponents (scores d {output} / d w)"
+        save_bytes(gallery, gallery_png(
+            shown(x_test[j], test_title),
+            [shown(x_train[e.train_id], _title(f"train {e.train_id}", e.label, "", f"{e.score:+.3g}"))
+             for e in rows["proponent"]],
+            [shown(x_train[e.train_id], _title(f"train {e.train_id}", e.label, "", f"{e.score:+.3g}"))
+             for e in rows["opponent"]], heading))
+        explanations.append(Explanation(j, label(ds.y_test[j]), predicted_class[j], float(base[j]),
+                                        rows["proponent"], rows["opponent"], gallery))
+
+    checks, retrained = ((), 0)
+    if verify:
+        checks, retrained = _verify(config, run, record, problem, ids, tau, w0, helpful, base, predicted_class,
+                                    output, workers, progress_factory)
+    result_rows = [{"test_id": e.test_id, "kind": ex.kind, "rank": ex.rank, "train_id": ex.train_id,
+                    "score": ex.score, "label": ex.label, "preview": snippet(ex.preview, 200)}
+                   for e in explanations for ex in (*e.proponents, *e.opponents)]
+    table = run.explain_file(f"{method}.json")
+    save_text(table, json.dumps({"method": method, "output": output, "k": k, "rows": result_rows,
+                                 "verify": [{**vars(c), "ratio": c.ratio} for c in checks]}, indent=1) + "\n")
+    markdown = run.explain_file(f"{method}.md")
+    save_text(markdown, _markdown(method, output, k, explanations, checks, run))
+    write_index(run, config.name)
+    return ExplainResult(method, output, k, tuple(explanations), tuple(checks), retrained,
+                         time.perf_counter() - start, markdown, table)
+
+
+def _title(name: str, label: str, predicted: str, value: str) -> str:
+    """'train 12 · label 3 · +0.021' (no label or prediction for sequences)."""
+    parts = [name] + ([f"label {label}"] if label else []) + ([f"predicted {predicted}"] if predicted else [])
+    return " · ".join(parts + [value])
+
+
+def _final_state(run, record, problem):
+    verify(run.final_state, {"fingerprint": record["fingerprint"]}, REPAIR)
+    return load_state(run.final_state, problem.init_state(), problem.device)
+
+
+def _outputs(problem, state, ids, output):
+    """f_j(w0) (the chosen output) and the predicted class of each test id ("" for sequences)."""
+    ds = problem.dataset
+    outputs = problem.outputs(state)[output]
+    with torch.no_grad():
+        logits, _ = problem.model.apply(state.params, state.buffers, ds.x_test[ids], train=False)
+    classes = {j: ("" if logits.dim() > 2 else str(int(logits[n].argmax()))) for n, j in enumerate(ids)}
+    return outputs, classes
+
+
+def _decoder(config, kind):
+    """Token ids -> text for the dataset: its tokenizer, or the character alphabet, or None."""
+    if kind != "tokens":
+        return None
+    name, options = config.dataset["name"], config.dataset
+    if options.get("tokenizer"):
+        tokenizer = load_tokenizer(options["tokenizer"])
+        return lambda ids: tokenizer.decode(ids)
+    if name in ("text_chars", "text_file"):
+        return lambda ids: "".join(ALPHABET[i] if 0 <= i < len(ALPHABET) else "?" for i in ids)
+    return None
+
+
+# --- --verify: the counterfactuals, actually run ------------------------------------------------
+
+def _drops(j: int, tau: np.ndarray, helpful: float, k: int, seed: int) -> dict[str, np.ndarray]:
+    order = np.argsort(helpful * -tau, kind="stable")
+    rng = np.random.default_rng(derive_seed(seed, "explain", j, k))
+    return {"proponents": np.sort(order[:k]), "opponents": np.sort(order[::-1][:k]),
+            "random": np.sort(rng.choice(len(tau), size=k, replace=False))}
+
+
+def _retrain_without(task):
+    """(task, f of every test example after retraining without task's examples, predicted classes)."""
+    problem = worker()["problem"]
+    key, dropped = task
+    mask = torch.ones(problem.dataset.n_train, dtype=problem.dtype, device=problem.device)
+    mask[torch.as_tensor(dropped, dtype=torch.long, device=problem.device)] = 0
+    final, _, _ = problem.run(weights=problem.weights * mask)
+    outputs = problem.outputs(final)
+    with torch.no_grad():
+        logits, _ = problem.model.apply(final.params, final.buffers, problem.dataset.x_test, train=False)
+    classes = logits.argmax(-1).cpu().numpy() if logits.dim() == 2 else np.zeros(0, dtype=np.int64)
+    return task, outputs, classes, worker()["fingerprint"]
+
+
+def _verify(config, run, record, problem, ids, tau, w0, helpful, base, predicted_class, output, workers,
+            progress_factory):
+    n = problem.dataset.n_train
+    ks = [k for k in VERIFY_KS if k <= max(1, n // 4)]
+    method = config.attribute.method
+    settings = sha256_bytes(json.dumps(settings_of(config), sort_keys=True).encode())[:16]
+    plan = {}  # (j, kind, k) -> (path, identity, dropped)
+    for j in ids:
+        for k in ks:
+            for kind, dropped in _drops(j, tau[j], helpful, k, config.seed).items():
+                identity = {"fingerprint": record["fingerprint"], "settings": settings, "test_id": j, "kind": kind,
+                            "k": k, "dropped": sha256_bytes(dropped.astype(np.int64).tobytes())[:16]}
+                plan[(j, kind, k)] = (run.explain_verify_file(method, j, kind, k), identity, dropped)
+    todo = [(key, dropped) for key, (path, identity, dropped) in plan.items() if status(path, identity) != "ok"]
+    with (progress_factory or no_progress)(f"verify ({len(todo)} retrainings)", len(todo)) as advance:
+        for done, (task, outputs, classes, fingerprint) in enumerate(
+                run_tasks(todo, workers, _retrain_without, init_worker, (config.raw,)), start=1):
+            if fingerprint != record["fingerprint"]:
+                raise StageError("the training config changed while retraining; rerun `magic explain --verify`")
+            path, identity, _ = plan[task[0]]
+            save_artifact(path, npz_bytes(output=outputs[output], classes=classes), identity)
+            advance(done)
+    checks = []
+    for (j, kind, k), (path, identity, dropped) in plan.items():
+        z = load_npz(path)
+        predicted = -float(np.sum(w0[dropped] * tau[j][dropped]))
+        flipped = bool(len(z["classes"])) and str(int(z["classes"][j])) != predicted_class[j]
+        checks.append(Check(j, kind, k, predicted, float(z["output"][j] - base[j]), flipped))
+    return checks, len(todo)
+
+
+def _markdown(method, output, k, explanations, checks, run) -> str:
+    lines = [f"# magic explain: {method}", "",
+             f"Scores are d {output} / d w_i. A **proponent** of a test example is a training example whose "
+             f"dropping is predicted to {'raise' if output == 'loss' else 'lower'} its {output} the most; an "
+             f"**opponent** one whose dropping is predicted to {'lower' if output == 'loss' else 'raise'} it the "
+             f"most. Dropping a set D changes the {output} by about -sum of their scores.", ""]
+    for e in explanations:
+        lines += [f"## Test id {e.test_id}", "",
+                  f"Label {e.label or '-'}, predicted {e.prediction or '-'}, {output} {e.output:.4f}.", "",
+                  f"![test {e.test_id}]({e.gallery.name})", "",
+                  "| kind | rank | train id | label | score | example |", "|---|---|---|---|---|---|"]
+        for ex in (*e.proponents, *e.opponents):
+            lines.append(f"| {ex.kind} | {ex.rank} | {ex.train_id} | {ex.label or '-'} | {ex.score:+.4g} | "
+                         f"{snippet(ex.preview, 50).replace('|', '/') or '(image)'} |")
+        mine = [c for c in checks if c.test_id == e.test_id]
+        if mine:
+            lines += ["", f"Retrained without k examples (`--verify`): predicted and actual change of the {output}.",
+                      "", "| dropped | k | predicted | actual | actual / predicted | class flips |",
+                      "|---|---|---|---|---|---|"]
+            for c in sorted(mine, key=lambda c: (c.kind != "proponents", c.kind != "opponents", c.k)):
+                lines.append(f"| {c.kind} | {c.k} | {c.predicted:+.4f} | {c.actual:+.4f} | {c.ratio:.2f} | "
+                             f"{'yes' if c.flipped else 'no'} |")
+        lines.append("")
+    return "\n".join(lines)
