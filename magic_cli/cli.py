@@ -31,6 +31,13 @@ ConfigDir = Annotated[Optional[Path], typer.Option(
     "--config-dir", help="A folder of your own configs (same layout as conf/), searched before the packaged ones.",
     show_default=False)]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Recompute and replace existing results.")]
+Method = Annotated[Optional[str], typer.Option(
+    "--method", help="magic (exact, default) | grad-dot | tracin | trak | ekfac; same as attribute.method=.",
+    show_default=False)]
+
+
+def _with_method(overrides, method: str | None) -> list[str]:
+    return list(overrides or []) + ([f"attribute.method={method}"] if method else [])
 
 
 def _fail(message: str, code: int = 2):
@@ -113,16 +120,13 @@ def attribute(
     test_ids: Annotated[str, typer.Option(
         "--test-ids", help="Test examples to attribute: 3 | 0,5,9 | 0:50 | 0:50:5 (slice) | @file (one id per line).",
         show_default=False)],
-    overrides: Overrides = None, config_dir: ConfigDir = None, overwrite: Overwrite = False,
-    method: Annotated[Optional[str], typer.Option(
-        "--method", help="magic (exact, default) | grad-dot | tracin | trak | ekfac; same as attribute.method=.",
-        show_default=False)] = None,
+    overrides: Overrides = None, config_dir: ConfigDir = None, overwrite: Overwrite = False, method: Method = None,
 ):
     """Scores d f_j / d w_i for the test ids: exact MAGIC (the reverse pass through training) or a baseline."""
     from magic_cli import api
     from magic_cli.progress import rich_progress
 
-    cfg = _load(list(overrides or []) + ([f"attribute.method={method}"] if method else []), config_dir)
+    cfg = _load(_with_method(overrides, method), config_dir)
     result = _run("attribute", api.attribute, cfg, test_ids, overwrite=overwrite, progress=rich_progress)
     extra = f", peak {result.peak_states} states, checkpoint={result.checkpoint}" \
         if result.peak_states and result.ids_computed else ""
@@ -143,9 +147,7 @@ def explain(
         show_default=False)],
     overrides: Overrides = None, config_dir: ConfigDir = None,
     k: Annotated[int, typer.Option("--k", help="Proponents and opponents shown per test id.")] = 8,
-    method: Annotated[Optional[str], typer.Option(
-        "--method", help="Whose scores: magic (default) | grad-dot | tracin | trak | ekfac.",
-        show_default=False)] = None,
+    method: Method = None,
     verify: Annotated[bool, typer.Option(
         "--verify", help="Retrain without the top-k proponents, the top-k opponents and k random examples "
                          "(k = 1, 4, 16, 64) and compare the actual change of the test loss with the predicted "
@@ -158,7 +160,7 @@ def explain(
     from magic_cli import api
     from magic_cli.progress import rich_progress
 
-    cfg = _load(list(overrides or []) + ([f"attribute.method={method}"] if method else []), config_dir)
+    cfg = _load(_with_method(overrides, method), config_dir)
     res = _run("explain", api.explain, cfg, test_ids, k=k, verify=verify, workers=workers, progress=rich_progress)
     sign = "raise" if res.output == "loss" else "lower"
     typer.echo(f"{res.method} scores d {res.output} / d w: dropping a proponent is predicted to {sign} the "
