@@ -476,7 +476,7 @@ def expand_paths(raw: dict) -> dict:
     return raw
 
 
-def compose(overrides: list[str] | tuple = (), config_dir: str | None = None):
+def compose(overrides: list[str] | tuple = (), config_dir: str | None = None, explain: bool = True):
     """Compose conf/ (+ a user's config folder) with Hydra overrides; returns a DictConfig.
 
     A user's folder is searched first: its files replace packaged files of the same name and
@@ -503,7 +503,7 @@ def compose(overrides: list[str] | tuple = (), config_dir: str | None = None):
         except YAMLError as e:
             raise ConfigError(_one_line_yaml_error(e, Path(tmp), origin)) from None
         except (HydraException, OmegaConfBaseException, ValueError) as e:
-            raise ConfigError(_one_line_hydra_error(e, overrides)) from None
+            raise ConfigError(_one_line_hydra_error(e, overrides) if explain else " ".join(str(e).split())) from None
         finally:
             GlobalHydra.instance().clear()
 
@@ -552,18 +552,18 @@ def _one_line_hydra_error(e: Exception, overrides: list[str]) -> str:
     if m:
         key = m.group(1)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        return (f"unknown key {key}; valid keys{' under ' + parent if parent else ''}: "
-                f"{_valid_keys(parent, [o for o in overrides if '.' not in o.split('=')[0]])}")
+        choices = [o for o in overrides if "." not in o.split("=")[0] and o.lstrip("+~").split("=")[0] != key]
+        return f"unknown key {key}; valid keys{' under ' + parent if parent else ''}: {_valid_keys(parent, choices)}"
     return text
 
 
 def _valid_keys(parent: str, choices: list[str]) -> str:
     """The keys of `parent` (dotted) in the config of the chosen options (e.g. experiment=X,
-    optimizer=sgd), for error messages."""
+    optimizer=sgd), for error messages; composed once, never explaining its own errors again."""
     from omegaconf import OmegaConf
 
     try:
-        node = OmegaConf.to_container(compose(choices))
+        node = OmegaConf.to_container(compose(choices, explain=False))
     except ConfigError:  # the message is still useful without the list
         return "(see `magic config show`)"
     path = ""

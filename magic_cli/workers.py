@@ -8,7 +8,9 @@ initialiser (which builds what a task needs, once per process) and the task func
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import sys
 from typing import Callable, Iterator
 
 import torch
@@ -30,8 +32,29 @@ def run_tasks(tasks: list, workers: int, fn: Callable, init: Callable, init_args
         return
     ctx = mp.get_context("spawn")
     ranks = ctx.Value("i", 0)  # each worker takes the next number: its GPU with device=cuda
-    with ctx.Pool(workers, initializer=init, initargs=(*init_args, ranks)) as pool:
+    with _main_not_reimported():
+        pool = ctx.Pool(workers, initializer=init, initargs=(*init_args, ranks))
+    with pool:
         yield from pool.imap_unordered(fn, tasks)
+
+
+@contextlib.contextmanager
+def _main_not_reimported():
+    """Start workers without importing the caller's main script in them. A spawned worker imports
+    the parent's __main__ (by its file or module name) before it runs anything, so a script that
+    calls magic_cli at its top level, as a notebook cell or a short script does, would run its
+    whole pipeline again in every worker. The workers need only magic_cli's modules (the task
+    and initialiser functions live there), so the main module's origin is hidden while they
+    start, and restored at once."""
+    main = sys.modules.get("__main__")
+    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if main is not None and key in main.__dict__}
+    try:
+        for key in saved:
+            setattr(main, key, None) if key == "__spec__" else delattr(main, key)
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(main, key, value)
 
 
 def take_rank(ranks) -> int | None:

@@ -230,6 +230,9 @@ def test_unknown_key_lists_the_keys_of_the_chosen_model(cli, tmp_path):
              "hidden", "init_from", "trainable")
     code, _, err = cli("train", *TINY, "optimizer=sgd", "optimizer.foo=1", f"out_dir={tmp_path / 'run'}")
     one_line_error(code, err, "unknown key optimizer.foo", "momentum")
+    # a misspelt top-level key: its own override is left out when listing the keys (no recursion)
+    code, _, err = cli("train", *TINY, "experimnt=digits_mlp", f"out_dir={tmp_path / 'run'}")
+    one_line_error(code, err, "unknown key experimnt", "valid keys: dataset, model")
 
 
 def test_tilde_in_path_values(cli, tmp_path, monkeypatch):

@@ -120,7 +120,12 @@ def test_readme_plugin_example_trains_as_written(tmp_path):
 
 
 def test_readme_python_api_runs_as_written(tmp_path):
+    """As a script file, with no `if __name__ == "__main__"`: its worker processes (workers=2)
+    must not import the script again (workers.py)."""
     api = next(b for b in _readme_python_blocks() if "magic_cli.compose" in b)
-    result = subprocess.run([sys.executable, "-c", api], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert "workers=2" in api and "__main__" not in api
+    (tmp_path / "readme_api.py").write_text(api)
+    result = subprocess.run([sys.executable, "readme_api.py"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr
     assert float(result.stdout.strip().splitlines()[-1]) > 0.9  # MAGIC's LDS, printed by the snippet
