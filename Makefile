@@ -27,7 +27,7 @@ demo: install  ## the whole pipeline on the embedded default (digits MLP): train
 	set -e; for m in $(METHODS); do $(BIN)/magic attribute --test-ids 0:50 --method $$m; done
 	$(BIN)/magic retrain-ground-truth --workers $(WORKERS)
 	$(BIN)/magic score
-	@echo "report: runs/default/report/report.md"
+	@echo "report: runs/default/report/index.html (and report.md)"
 
 test: install  ## the test suite (fast; what CI runs)
 	$(BIN)/python -m pytest -q -m "not slow and not slurm and not browser"

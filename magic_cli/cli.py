@@ -168,7 +168,7 @@ def explain(
     for e in res.explanations:
         top = ", ".join(f"{p.train_id} ({p.score:+.3g})" for p in e.proponents[:4])
         typer.echo(f"test {e.test_id} (label {e.label or '-'}, {res.output} {e.output:.4f}): proponents {top} ...")
-        for c in (c for c in res.checks if c.test_id == e.test_id and c.kind != "opponents"):
+        for c in (c for c in res.checks if c.test_id == e.test_id):
             typer.echo(f"  without {c.k:>2} {c.kind:<10} predicted {c.predicted:+.4f}  actual {c.actual:+.4f}"
                        f"{'  (class flips)' if c.flipped else ''}")
     typer.echo(f"wrote {res.markdown} and {len(res.explanations)} galleries")

@@ -9,11 +9,14 @@ initialiser (which builds what a task needs, once per process) and the task func
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing as mp
 import sys
 from typing import Callable, Iterator
 
 import torch
+
+from magic_cli.errors import StageError, UserError
 
 
 def run_tasks(tasks: list, workers: int, fn: Callable, init: Callable, init_args: tuple = ()) -> Iterator:
@@ -33,9 +36,29 @@ def run_tasks(tasks: list, workers: int, fn: Callable, init: Callable, init_args
     ctx = mp.get_context("spawn")
     ranks = ctx.Value("i", 0)  # each worker takes the next number: its GPU with device=cuda
     with _main_not_reimported():
-        pool = ctx.Pool(workers, initializer=init, initargs=(*init_args, ranks))
+        pool = ctx.Pool(workers, initializer=_init_or_remember, initargs=(init, *init_args, ranks))
     with pool:
-        yield from pool.imap_unordered(fn, tasks)
+        yield from pool.imap_unordered(functools.partial(_call, fn), tasks)
+
+
+_INIT_ERROR: list = []  # in a worker: the exception its initialiser raised, if any
+
+
+def _init_or_remember(init: Callable, *args) -> None:
+    """Run the initialiser; keep what it raises instead of letting the worker die (a pool replaces
+    a dead worker by a new one, which would die the same way, without end)."""
+    try:
+        init(*args)
+    except Exception as e:  # reported by the first task this worker takes
+        _INIT_ERROR.append(e)
+
+
+def _call(fn: Callable, task):
+    if _INIT_ERROR:
+        e = _INIT_ERROR[0]
+        message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        raise StageError(f"a worker process could not start: {message}")
+    return fn(task)
 
 
 @contextlib.contextmanager
