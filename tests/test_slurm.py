@@ -192,7 +192,9 @@ def test_a_task_that_always_fails_is_retried_then_named_in_one_line(trained, tmp
     assert last.startswith("magic: error: 2 of 2 array tasks failed after 1 retries"), res.stderr
     assert "FAILED" in last and "no GPU on this node" in last, last
     record = json.loads((tmp_path / "slurm" / "default" / "ground_truth" / "jobs.json").read_text())
-    assert all(sacct_states()[job] == "FAILED" for job in record.values())
+    # slurmdbd records a job's end a moment after the controller: wait for the accounting, bounded
+    wait_until(lambda: all(sacct_states().get(job) == "FAILED" for job in record.values()),
+               f"sacct to record jobs {sorted(record.values())} as FAILED", interval=0.5, polls=240)
     assert not list((trained / "ground_truth").rglob("subset_*.npz"))
 
 
