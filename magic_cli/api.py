@@ -37,6 +37,13 @@ def compose(overrides: Sequence[str] = (), config_dir: str | None = None) -> Con
     return load(list(overrides), str(config_dir) if config_dir is not None else None)
 
 
+def _method_and_ids(cfg: Config, method: str | None, test_ids: str | Sequence[int]) -> tuple[Config, str]:
+    """The config with attribute.method set (if given), and the test ids as a --test-ids spec."""
+    if method is not None:
+        cfg = with_values(cfg, [f"attribute.method={method}"])
+    return cfg, test_ids if isinstance(test_ids, str) else ",".join(str(int(i)) for i in test_ids)
+
+
 def train(cfg: Config, overwrite: bool = False, progress=None) -> TrainResult:
     """`magic train`: train deterministically and write train/ (or verify a finished run)."""
     return train_stage(cfg, RunDir(cfg.out_dir), list(cfg.overrides), overwrite=overwrite, progress_factory=progress)
@@ -46,9 +53,7 @@ def attribute(cfg: Config, test_ids: str | Sequence[int], method: str | None = N
               progress=None) -> AttributeResult:
     """`magic attribute --test-ids ...`: scores d f_j / d w_i of the test ids (a spec such as
     "0:50" or a list of ids) by MAGIC (default) or another method of magic_cli.names.METHODS."""
-    if method is not None:
-        cfg = with_values(cfg, [f"attribute.method={method}"])
-    spec = test_ids if isinstance(test_ids, str) else ",".join(str(int(i)) for i in test_ids)
+    cfg, spec = _method_and_ids(cfg, method, test_ids)
     return attribute_stage(cfg, RunDir(cfg.out_dir), spec, overwrite=overwrite, progress_factory=progress)
 
 
@@ -56,9 +61,7 @@ def explain(cfg: Config, test_ids: str | Sequence[int], k: int = 8, method: str 
             verify: bool = False, workers: int = 1, progress=None) -> ExplainResult:
     """`magic explain`: the top-k proponents and opponents of each test id, drawn as the data they
     are (report/explain/); with verify, retrained without them to compare predicted and actual."""
-    if method is not None:
-        cfg = with_values(cfg, [f"attribute.method={method}"])
-    spec = test_ids if isinstance(test_ids, str) else ",".join(str(int(i)) for i in test_ids)
+    cfg, spec = _method_and_ids(cfg, method, test_ids)
     return explain_stage(cfg, RunDir(cfg.out_dir), spec, k=k, verify=verify, workers=workers,
                          progress_factory=progress)
 

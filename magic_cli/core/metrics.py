@@ -53,3 +53,11 @@ def mean_with_ci(values: np.ndarray, seed: int = 0, confidence: float = 0.95) ->
     res = stats.bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=2000,
                           method="percentile", rng=np.random.default_rng(seed))
     return float(values.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def most_helpful_first(scores, output: str):
+    """Training ids ordered from the strongest proponent to the strongest opponent of one test
+    output: scores (N,) = d f_j / d w. For the loss a proponent has the most negative score
+    (dropping it raises the loss the most); for the margin the most positive."""
+    helpful = -1.0 if output == "loss" else 1.0
+    return np.argsort(-helpful * np.asarray(scores), kind="stable")

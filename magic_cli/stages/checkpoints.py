@@ -56,13 +56,18 @@ def load_state(path, template: TrainState, device) -> TrainState:
 REPAIR = "run `magic train` with the same overrides to repair it"
 
 
+def load_final(problem: Problem, run, record: dict, template: TrainState | None = None) -> TrainState:
+    """The verified final state of the run (template: the shape of a state; s_0 if None)."""
+    verify(run.final_state, {"fingerprint": record["fingerprint"]}, REPAIR)
+    return load_state(run.final_state, problem.init_state() if template is None else template, problem.device)
+
+
 def load_final_and_stored(problem: Problem, run, record: dict) -> tuple[TrainState, dict]:
     """The verified final state and the verified checkpoints of config.checkpoint, derived from
     the states `train` stored when this strategy's files do not exist yet."""
     expect = {"fingerprint": record["fingerprint"]}
-    verify(run.final_state, expect, REPAIR)
     template = problem.init_state()  # the shape of a state (also s_0)
-    final = load_state(run.final_state, template, problem.device)
+    final = load_final(problem, run, record, template)
     T = problem.total_steps
     tag = config_checkpoint_tag(problem.config, template)
     if tag != record["checkpoint_tag"] and not all(p.exists() for p in run.checkpoint_states(tag, T).values()):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from magic_cli.config import Config, parse_test_ids
+from magic_cli.core.metrics import most_helpful_first
 from magic_cli.data.files import load_tokenizer
 from magic_cli.data.text import ALPHABET
 from magic_cli.determinism import derive_seed, enable_determinism
@@ -43,11 +44,10 @@ from magic_cli.run_dir import (
     save_text,
     sha256_bytes,
     status,
-    verify,
 )
 from magic_cli.stages.assemble import assemble, load_data_weights
 from magic_cli.stages.attribute import load_scores, settings_of
-from magic_cli.stages.checkpoints import REPAIR, load_state
+from magic_cli.stages.checkpoints import load_final
 from magic_cli.stages.ground_truth import init_worker, worker
 from magic_cli.stages.page import write_index
 from magic_cli.workers import run_tasks
@@ -136,12 +136,11 @@ def _explain(config, run, record, problem, spec, k, verify, workers, progress_fa
         raise StageError(f"test id{'s' * many} {listed} {'have' if many else 'has'} no {method} scores yet: run `magic "
                          f"attribute --test-ids {listed} --method {method}` first")
     output = side["output"]
-    helpful = -1.0 if output == "loss" else 1.0  # a proponent's score has this sign
     column = {t: c for c, t in enumerate(side["test_ids"])}
     tau = {j: np.asarray(scores[:, column[j]], dtype=np.float64) for j in ids}  # (N,) each
     w0 = load_data_weights(config.train.data_weights, ds.n_train) if config.train.data_weights else np.ones(ds.n_train)
 
-    final = _final_state(run, record, problem)
+    final = load_final(problem, run, record)
     base, predicted_class = _outputs(problem, final, ids, output)
     # as a person reads them: before standardising where the dataset kept that
     x_train, x_test = ds.raw if ds.raw is not None else (ds.x_train.cpu().numpy(), ds.x_test.cpu().numpy())
@@ -155,7 +154,7 @@ def _explain(config, run, record, problem, spec, k, verify, workers, progress_fa
 
     explanations = []
     for j in ids:
-        order = np.argsort(helpful * -tau[j], kind="stable")  # most helpful first
+        order = most_helpful_first(tau[j], output)
         picks = {"proponent": order[:k], "opponent": order[::-1][:k]}
         rows = {name: tuple(Example(int(i), r + 1, name, float(tau[j][i]), label(ds.y_train[i]),
                                     text_of(x_train[i], kind, decode, columns)) for r, i in enumerate(chosen))
@@ -174,8 +173,8 @@ def _explain(config, run, record, problem, spec, k, verify, workers, progress_fa
 
     checks, retrained = ((), 0)
     if verify:
-        checks, retrained = _verify(config, run, record, problem, ids, tau, w0, helpful, base, predicted_class,
-                                    output, workers, progress_factory)
+        checks, retrained = _verify(config, run, record, problem, ids, tau, w0, base, predicted_class, output,
+                                    workers, progress_factory)
     result_rows = [{"test_id": e.test_id, "kind": ex.kind, "rank": ex.rank, "train_id": ex.train_id,
                     "score": ex.score, "label": ex.label, "preview": snippet(ex.preview, 200)}
                    for e in explanations for ex in (*e.proponents, *e.opponents)]
@@ -193,11 +192,6 @@ def _title(name: str, label: str, predicted: str, value: str) -> str:
     """'train 12 · label 3 · +0.021' (no label or prediction for sequences)."""
     parts = [name] + ([f"label {label}"] if label else []) + ([f"predicted {predicted}"] if predicted else [])
     return " · ".join(parts + [value])
-
-
-def _final_state(run, record, problem):
-    verify(run.final_state, {"fingerprint": record["fingerprint"]}, REPAIR)
-    return load_state(run.final_state, problem.init_state(), problem.device)
 
 
 def _outputs(problem, state, ids, output):
@@ -225,8 +219,8 @@ def _decoder(config, kind):
 
 # --- --verify: the counterfactuals, actually run ------------------------------------------------
 
-def _drops(j: int, tau: np.ndarray, helpful: float, k: int, seed: int) -> dict[str, np.ndarray]:
-    order = np.argsort(helpful * -tau, kind="stable")
+def _drops(j: int, tau: np.ndarray, output: str, k: int, seed: int) -> dict[str, np.ndarray]:
+    order = most_helpful_first(tau, output)
     rng = np.random.default_rng(derive_seed(seed, "explain", j, k))
     return {"proponents": np.sort(order[:k]), "opponents": np.sort(order[::-1][:k]),
             "random": np.sort(rng.choice(len(tau), size=k, replace=False))}
@@ -246,8 +240,7 @@ def _retrain_without(task):
     return task, outputs, classes, worker()["fingerprint"]
 
 
-def _verify(config, run, record, problem, ids, tau, w0, helpful, base, predicted_class, output, workers,
-            progress_factory):
+def _verify(config, run, record, problem, ids, tau, w0, base, predicted_class, output, workers, progress_factory):
     n = problem.dataset.n_train
     ks = [k for k in VERIFY_KS if k <= max(1, n // 4)]
     method = config.attribute.method
@@ -255,7 +248,7 @@ def _verify(config, run, record, problem, ids, tau, w0, helpful, base, predicted
     plan = {}  # (j, kind, k) -> (path, identity, dropped)
     for j in ids:
         for k in ks:
-            for kind, dropped in _drops(j, tau[j], helpful, k, config.seed).items():
+            for kind, dropped in _drops(j, tau[j], output, k, config.seed).items():
                 identity = {"fingerprint": record["fingerprint"], "settings": settings, "test_id": j, "kind": kind,
                             "k": k, "dropped": sha256_bytes(dropped.astype(np.int64).tobytes())[:16]}
                 plan[(j, kind, k)] = (run.explain_verify_file(method, j, kind, k), identity, dropped)

@@ -19,10 +19,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 
+from magic_cli.core.metrics import most_helpful_first
 from magic_cli.errors import ArtifactError, StageError
 from magic_cli.run_dir import RunDir, load_npy, load_record, verify
 from magic_cli.stages.attribute import load_scores
@@ -109,8 +109,7 @@ class Run:
         if test_id not in scores.test_ids:
             raise StageError(f"test id {test_id} has no {method} scores: run `magic attribute --test-ids {test_id}`")
         tau = scores.values[:, scores.test_ids.index(test_id)]
-        helpful = -1.0 if scores.output == "loss" else 1.0
-        order = np.argsort(helpful * -tau, kind="stable")
+        order = most_helpful_first(tau, scores.output)
         rows = [{"train_id": int(i), "score": float(tau[i]), "rank": r + 1, "kind": kind}
                 for kind, chosen in (("proponent", order[:k]), ("opponent", order[::-1][:k]))
                 for r, i in enumerate(chosen)]
