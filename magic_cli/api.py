@@ -58,12 +58,13 @@ def attribute(cfg: Config, test_ids: str | Sequence[int], method: str | None = N
 
 
 def explain(cfg: Config, test_ids: str | Sequence[int], k: int = 8, method: str | None = None,
-            verify: bool = False, workers: int = 1, progress=None) -> ExplainResult:
+            verify: bool = False, workers: int = 1, progress=None, groups: str | None = None) -> ExplainResult:
     """`magic explain`: the top-k proponents and opponents of each test id, drawn as the data they
-    are (report/explain/); with verify, retrained without them to compare predicted and actual."""
+    are (report/explain/); with verify, retrained without them to compare predicted and actual.
+    groups ("label", a table column or a file of group names) ranks groups of training examples."""
     cfg, spec = _method_and_ids(cfg, method, test_ids)
     return explain_stage(cfg, RunDir(cfg.out_dir), spec, k=k, verify=verify, workers=workers,
-                         progress_factory=progress)
+                         progress_factory=progress, groups=groups)
 
 
 def retrain_ground_truth(cfg: Config, workers: int = 1, shard: str | None = None, merge_only: bool = False,

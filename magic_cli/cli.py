@@ -35,9 +35,18 @@ Method = Annotated[Optional[str], typer.Option(
     "--method", help="magic (exact, default) | grad-dot | tracin | trak | ekfac; same as attribute.method=.",
     show_default=False)]
 
+Groups = Annotated[Optional[str], typer.Option(
+    "--groups", help="Groups of training examples instead of single ones: label | a table column | a file of "
+                     "group names (one a line, or a .csv with a group column).", show_default=False)]
+
 
 def _with_method(overrides, method: str | None) -> list[str]:
     return list(overrides or []) + ([f"attribute.method={method}"] if method else [])
+
+
+def _with_groups(overrides, groups: str | None) -> list[str]:
+    """--groups of retrain-ground-truth and score: the same as ground_truth.groups=."""
+    return list(overrides or []) + ([f"ground_truth.groups={groups}"] if groups else [])
 
 
 def _fail(message: str, code: int = 2):
@@ -154,6 +163,7 @@ def explain(
                          "one.")] = False,
     workers: Annotated[int, typer.Option(
         "--workers", help="Parallel retraining processes for --verify (results do not depend on it).")] = 1,
+    groups: Groups = None,
 ):
     """Which training examples made these predictions: the top proponents and opponents, drawn as the
     data they are (report/explain/); --verify checks the claim by retraining without them."""
@@ -161,12 +171,13 @@ def explain(
     from magic_cli.progress import rich_progress
 
     cfg = _load(_with_method(overrides, method), config_dir)
-    res = _run("explain", api.explain, cfg, test_ids, k=k, verify=verify, workers=workers, progress=rich_progress)
+    res = _run("explain", api.explain, cfg, test_ids, k=k, verify=verify, workers=workers, progress=rich_progress,
+               groups=groups)
     sign = "raise" if res.output == "loss" else "lower"
     typer.echo(f"{res.method} scores d {res.output} / d w: dropping a proponent is predicted to {sign} the "
                f"{res.output}, dropping an opponent the opposite")
     for e in res.explanations:
-        top = ", ".join(f"{p.train_id} ({p.score:+.3g})" for p in e.proponents[:4])
+        top = ", ".join(f"{p.train_id if p.group is None else p.group} ({p.score:+.3g})" for p in e.proponents[:4])
         typer.echo(f"test {e.test_id} (label {e.label or '-'}, {res.output} {e.output:.4f}): proponents {top} ...")
         for c in (c for c in res.checks if c.test_id == e.test_id):
             typer.echo(f"  without {c.k:>2} {c.kind:<10} predicted {c.predicted:+.4f}  actual {c.actual:+.4f}"
@@ -186,13 +197,14 @@ def retrain_ground_truth(
     merge_only: Annotated[bool, typer.Option(
         "--merge-only", help="Retrain nothing: merge the subsets already written (e.g. by cluster jobs that "
                              "finished while no command watched them) and say what is missing.")] = False,
+    groups: Groups = None,
 ):
     """Retrain on random subsets (ground_truth.drop_fractions x num_subsets); resumable and shardable;
-    on a SLURM cluster with launcher=slurm."""
+    on a SLURM cluster with launcher=slurm. With --groups the subsets drop whole groups."""
     from magic_cli import api
     from magic_cli.progress import rich_progress
 
-    cfg = _load(overrides, config_dir)
+    cfg = _load(_with_groups(overrides, groups), config_dir)
     res = _run("retrain-ground-truth", api.retrain_ground_truth, cfg, workers=workers, shard=shard,
                merge_only=merge_only, progress=rich_progress)
     if res.redone:
@@ -213,13 +225,15 @@ def score(
     mix_devices: Annotated[bool, typer.Option(
         "--mix-devices", help="Accept ground truth retrained on several device types (e.g. two GPU models), "
                               "whose bits differ.")] = False,
+    groups: Groups = None,
 ):
-    """LDS of every attribution method against the ground truth; writes report/."""
+    """LDS of every attribution method against the ground truth; writes report/ (with --groups, against
+    the ground truth that dropped whole groups: report/groups-<name>/)."""
     from rich.console import Console
 
     from magic_cli import api
 
-    cfg = _load(overrides, config_dir)
+    cfg = _load(_with_groups(overrides, groups), config_dir)
     result = _run("score", api.score, cfg, mix_devices=mix_devices)
     Console().print(_lds_table(result))
     for line in result.low_lds_lines():

@@ -222,6 +222,7 @@ class GroundTruthConfig:
     num_subsets: int = 100
     seed: int = 0
     batch: int = 1  # retrainings run at once in one process (torch.func.vmap over their data weights)
+    groups: str | None = None  # drop whole groups: "label", a table column, or a file (stages/groups.py)
 
     def __post_init__(self):
         _check(len(self.drop_fractions) > 0, "ground_truth.drop_fractions must not be empty")
@@ -229,6 +230,8 @@ class GroundTruthConfig:
             _check(0 < p < 1, f"ground_truth.drop_fractions: {p} is not in (0, 1)")
         _check(self.num_subsets >= 2, f"ground_truth.num_subsets must be >= 2, got {self.num_subsets}")
         _check(self.batch >= 1, f"ground_truth.batch must be >= 1, got {self.batch}")
+        _check(self.groups is None or (isinstance(self.groups, str) and self.groups.strip() != ""),
+               f"ground_truth.groups must be label, a column name or a file, got {self.groups!r}")
 
 
 @dataclass(frozen=True)
@@ -434,7 +437,7 @@ def conf_dir() -> Path:
 # Path values (dotted keys; `plugins` is a list of them): `~` is expanded in each, here and only here.
 PATH_KEYS = ("out_dir", "plugins", "dataset.path", "dataset.train_path", "dataset.test_path", "dataset.tokenizer",
              "dataset.cache_dir", "model.path", "model.init_from", "train.data_weights", "train.order_file",
-             "launcher.folder")
+             "launcher.folder", "ground_truth.groups")
 # Groups whose keys come from the chosen builder's signature (the model's or dataset's own options),
 # not from the group's YAML: an override may set any of them (checked against the builder later).
 OPEN_GROUPS = ("model", "dataset")

@@ -42,6 +42,9 @@ class Dataset:
     # (x_train, x_test) before standardising, and the feature columns' names.
     raw: tuple | None = None
     columns: tuple | None = None
+    # Optional, a plugin's own picture of one example (magic explain): show(x) -> an image, numpy
+    # (H, W) or (H, W, 3) with values in [0, 1], or a str; x is one row of raw (else of x_*) as numpy.
+    show: Callable | None = None
 
     @property
     def n_train(self) -> int:

@@ -82,7 +82,7 @@ def gallery_png(test: Shown, proponents: list[Shown], opponents: list[Shown], he
     """The gallery of one test id as PNG bytes: the test example, then two rows."""
     plt = pyplot()
     k = max(len(proponents), len(opponents), 1)
-    if test.image is not None:
+    if all(s.image is not None for s in (test, *proponents, *opponents)):
         fig, axes = plt.subplots(3, k + 1, figsize=(1.45 * (k + 1), 5.0), squeeze=False, layout="constrained")
         for ax in axes.flat:
             ax.axis("off")

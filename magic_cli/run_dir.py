@@ -5,7 +5,10 @@ marker and the run lock.
     train/        fingerprint.json  metrics.json  final.pt  checkpoints_<tag>/state_<t>.pt  outputs_{loss,margin}.npy
     attribute/<method>/  settings.json  test_<id>.npy  scores.npy  scores.json  last_run.json
     ground_truth/drop_<p>/  masks.npy  subset_<k>.npz  outputs_{loss,margin}.npy
-    report/       lds.csv summary.json report.md lds_vs_drop.png scatter_<method>_<p>.png
+    ground_truth/groups-<name>/drop_<p>/  the same, dropping whole groups (ground_truth.groups)
+    report/       index.html lds.csv summary.json report.md lds_vs_drop.png scatter_<method>_<p>.png
+    report/groups-<name>/  the same for the group ground truth, and group_scores_<method>.csv
+    report/explain/  <method>_<test id>.png <method>.md <method>.json verify/ (magic explain)
 
 Integrity (DESIGN.md §8):
 - Every write goes to a temporary file in the same folder and is moved into place with
@@ -216,8 +219,13 @@ def strategy_of(tag: str) -> tuple[str, int]:
 class RunDir:
     """Paths of one run's artifacts; file names live here and nowhere else."""
 
-    def __init__(self, root):
+    def __init__(self, root, unit: str = ""):
         self.root = Path(root)
+        self.unit = unit  # "" (single examples) or groups-<name>: where a group ground truth and its report go
+
+    def for_unit(self, unit: str) -> "RunDir":
+        """The same run, its ground truth and report those of `unit` (ground_truth/<unit>/, report/<unit>/)."""
+        return RunDir(self.root, unit)
 
     # top level
     @property
@@ -312,10 +320,10 @@ class RunDir:
         base = self.root / "attribute"
         return sorted(p.name for p in base.iterdir() if (p / "scores.json").is_file()) if base.is_dir() else []
 
-    # ground_truth/drop_<p>/
+    # ground_truth/drop_<p>/ (ground_truth/groups-<name>/drop_<p>/ for a unit of groups)
     @property
     def ground_truth_root(self) -> Path:
-        return self.root / "ground_truth"
+        return self.root / "ground_truth" / self.unit if self.unit else self.root / "ground_truth"
 
     def ground_truth_dir(self, p: float) -> Path:
         return self.ground_truth_root / f"drop_{p:g}"
@@ -363,8 +371,9 @@ class RunDir:
         return self.explain_dir / "verify" / f"{method}_{test_id}_{kind}_{k}.npz"
 
     def report_file(self, name: str) -> Path:
-        """A file of report/: lds.csv, summary.json, report.md, lds_vs_drop.png, scatter_<method>_<p>.png."""
-        return self.report_dir / name
+        """A file of report/ (report/<unit>/ for groups): lds.csv, summary.json, report.md, index.html,
+        lds_vs_drop.png, scatter_<method>_<p>.png, group_scores_<method>.csv."""
+        return self.report_dir / self.unit / name if self.unit else self.report_dir / name
 
     # --- ownership, locking, cleaning ---------------------------------------------------------
 

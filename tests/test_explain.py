@@ -95,3 +95,45 @@ def test_renderers():
 
     for shown in (Shown("t", image_of(image, "images"), ""), Shown("t", None, "some text")):
         assert gallery_png(shown, [shown], [shown], "heading").startswith(PNG)
+
+
+PLUGIN = '''
+import numpy as np
+from magic_cli.data import Dataset, load_dataset
+from magic_cli.plugins import register_dataset
+
+@register_dataset("wine_shown")
+def wine_shown(seed, *, test_fraction: float = 0.2, show: str = "text"):
+    ds = load_dataset({"name": "wine", "test_fraction": test_fraction}, seed, None)
+    pictures = {
+        "text": lambda x: f"a wine of {x[0]:.1f} % alcohol",
+        "image": lambda x: np.tile(np.clip(x[:13] / (np.abs(x[:13]).max() + 1e-9), 0, 1), (13, 1)),
+        "bad": lambda x: 42,
+        "raises": lambda x: 1 / 0,
+    }
+    ds.name, ds.show = "wine_shown", pictures[show]
+    return ds
+'''
+
+
+@pytest.mark.parametrize("show", ["text", "image"])
+def test_a_plugin_draws_its_own_examples(tmp_path, show):
+    plugin = tmp_path / "shown.py"
+    plugin.write_text(PLUGIN)
+    args = [o for o in TINY if o != "dataset=wine"] + [f"plugins=[{plugin}]", "dataset=wine", "dataset.name=wine_shown",
+                                                      f"++dataset.show={show}", f"out_dir={tmp_path / 'run'}"]
+    cfg = magic_cli.compose(args)
+    magic_cli.train(cfg)
+    magic_cli.attribute(cfg, test_ids="0")
+    result = magic_cli.explain(cfg, test_ids="0", k=2)
+    assert result.explanations[0].gallery.read_bytes().startswith(PNG)
+    text = result.markdown.read_text()
+    if show == "text":
+        assert "a wine of" in text
+    for bad, fragment in (("bad", "must return a str or a numpy image"), ("raises", "ZeroDivisionError")):
+        broken = magic_cli.compose(args[:-2] + [f"++dataset.show={bad}", f"out_dir={tmp_path / bad}"])
+        magic_cli.train(broken)
+        magic_cli.attribute(broken, test_ids="0")
+        with pytest.raises(magic_cli.errors.ConfigError, match="dataset=wine_shown: its show function") as e:
+            magic_cli.explain(broken, test_ids="0", k=2)
+        assert fragment in str(e.value)

@@ -86,6 +86,8 @@ def check_dataset(ds, name: str, builder) -> None:
     if ds.x_train.shape[1:] != ds.x_test.shape[1:] or ds.x_train.dtype != ds.x_test.dtype:
         raise ConfigError(f"{who}: x_train {tuple(ds.x_train.shape[1:])} {ds.x_train.dtype} and x_test "
                           f"{tuple(ds.x_test.shape[1:])} {ds.x_test.dtype} differ in example shape or dtype")
+    if ds.show is not None and not callable(ds.show):
+        raise ConfigError(f"{who}: Dataset.show must be a function x -> image or str, got {type(ds.show).__name__}")
 
 
 def batch_schedule(n_train: int, batch_size: int, epochs: int, seed: int):

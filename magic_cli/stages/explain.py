@@ -6,6 +6,8 @@ with --verify, what actually happens when they are dropped.
     report/index.html                          the page of the whole report (stages/page.py)
     report/explain/verify/<method>_<id>_<kind>_<k>.npz  one retraining without k examples (--verify;
                                                resumable, each with its sidecar)
+    report/explain/<method>_groups-<name>_*    the same with --groups: groups of training examples
+                                               ranked by their group score (core/groups.py)
 
 Sign convention (DESIGN.md §1): scores[i, j] = d f_j / d w_i. Dropping a set D of training
 examples is predicted to change f_j by -sum_{i in D} w0_i scores[i, j]. For the loss output a
@@ -15,6 +17,11 @@ most (the most positive); for the margin output the signs are reversed (a propon
 the margin). --verify retrains without the top-k proponents, without the top-k opponents and
 without k random examples (the control), with the same determinism as the ground truth, and
 compares the actual change of f_j with the predicted one.
+
+With --groups the units are groups of training examples (stages/groups.py): a group's score is
+d f_j / d e_g = sum of its members' w0_i scores[i, j], the derivative with respect to scaling the
+group's weight; dropping the group is predicted to change f_j by minus that. A group is shown by
+its most influential member; --verify drops whole groups (k = 1, 2, 4, ... groups).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import numpy as np
 import torch
 
 from magic_cli.config import Config, parse_test_ids
+from magic_cli.core.groups import Groups, group_mask, group_scores
 from magic_cli.core.metrics import most_helpful_first
 from magic_cli.data.files import load_tokenizer
 from magic_cli.data.text import ALPHABET
@@ -49,10 +57,12 @@ from magic_cli.stages.assemble import assemble, load_data_weights
 from magic_cli.stages.attribute import load_scores, settings_of
 from magic_cli.stages.checkpoints import load_final
 from magic_cli.stages.ground_truth import init_worker, worker
+from magic_cli.stages.groups import resolve_groups, unit_of
 from magic_cli.stages.page import write_index
 from magic_cli.workers import run_tasks
 
 VERIFY_KS = (1, 4, 16, 64)  # examples dropped by --verify (those above a quarter of N are skipped)
+VERIFY_GROUPS = (1, 2, 4, 8)  # groups dropped by --verify --groups (at most a quarter of them)
 KINDS = ("proponents", "opponents", "random")
 
 
@@ -63,9 +73,11 @@ class Example:
     train_id: int
     rank: int  # 1 = the strongest
     kind: str  # proponent | opponent
-    score: float  # d f_j / d w_i
+    score: float  # d f_j / d w_i (with --groups: the group's score, d f_j / d e_g)
     label: str
     preview: str  # the example as text (decoded tokens, a feature row), "" for an image
+    group: str | None = None  # with --groups: the group, train_id being its most influential member
+    size: int = 1  # examples in the group
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,7 @@ class ExplainResult:
     method: str
     output: str
     k: int
+    groups: str | None  # --groups (None: single examples)
     explanations: tuple[Explanation, ...]
     checks: tuple[Check, ...]  # empty without --verify
     retrained: int  # retrainings this command ran (--verify)
@@ -109,7 +122,7 @@ class ExplainResult:
 
 
 def explain_stage(config: Config, run: RunDir, test_ids_spec: str, k: int = 8, verify: bool = False,
-                  workers: int = 1, progress_factory=None) -> ExplainResult:
+                  workers: int = 1, progress_factory=None, groups: str | None = None) -> ExplainResult:
     if k < 1:
         raise ConfigError(f"--k must be >= 1, got {k}")
     if workers < 1:
@@ -119,15 +132,17 @@ def explain_stage(config: Config, run: RunDir, test_ids_spec: str, k: int = 8, v
         run.clean(exclusive=False)
         record = run.require_trained(config)
         problem = assemble(config)
-        return _explain(config, run, record, problem, test_ids_spec, k, verify, workers, progress_factory)
+        return _explain(config, run, record, problem, test_ids_spec, k, verify, workers, progress_factory, groups)
 
 
-def _explain(config, run, record, problem, spec, k, verify, workers, progress_factory) -> ExplainResult:
+def _explain(config, run, record, problem, spec, k, verify, workers, progress_factory, groups_spec) -> ExplainResult:
     start = time.perf_counter()
     ds, method = problem.dataset, config.attribute.method
     ids = parse_test_ids(spec, ds.n_test)
-    if k > ds.n_train:
-        raise ConfigError(f"--k {k} is more than the {ds.n_train} training examples")
+    groups = resolve_groups(groups_spec, ds) if groups_spec is not None else None
+    units = Units(ds.n_train, groups)
+    if k > units.n:
+        raise ConfigError(f"--k {k} is more than the {units.n} {units.what}")
     scores, side = load_scores(run, method, record["fingerprint"])
     missing = [i for i in ids if i not in side["test_ids"]]
     if missing:
@@ -139,6 +154,8 @@ def _explain(config, run, record, problem, spec, k, verify, workers, progress_fa
     column = {t: c for c, t in enumerate(side["test_ids"])}
     tau = {j: np.asarray(scores[:, column[j]], dtype=np.float64) for j in ids}  # (N,) each
     w0 = load_data_weights(config.train.data_weights, ds.n_train) if config.train.data_weights else np.ones(ds.n_train)
+    unit_scores = {j: units.scores(tau[j], w0) for j in ids}  # (N,) or (G,) each
+    stem = f"{method}_{units.name}" if groups is not None else method
 
     final = load_final(problem, run, record)
     base, predicted_class = _outputs(problem, final, ids, output)
@@ -150,42 +167,114 @@ def _explain(config, run, record, problem, spec, k, verify, workers, progress_fa
     label = lambda y: "" if y.dim() else str(int(y))  # noqa: E731  (sequences have no one label)
 
     def shown(x, title) -> Shown:
+        if ds.show is not None:
+            return _shown_by_plugin(ds, x, title)
         return Shown(title, image_of(x, kind), text_of(x, kind, decode, columns))
+
+    def example(u: int, rank: int, name: str, j: int) -> Example:
+        if groups is None:
+            return Example(u, rank, name, float(tau[j][u]), label(ds.y_train[u]),
+                           shown(x_train[u], f"train {u}").text)
+        members = groups.members(u)  # shown by its member that pushes hardest in the group's direction
+        ordered = members[most_helpful_first(w0[members] * tau[j][members], output)]
+        i = int(ordered[0] if name == "proponent" else ordered[-1])
+        return Example(i, rank, name, float(unit_scores[j][u]), label(ds.y_train[i]),
+                       shown(x_train[i], f"train {i}").text, groups.names[u], len(members))
+
+    def caption(e: Example) -> str:
+        if e.group is None:
+            return _title(f"train {e.train_id}", e.label, "", f"{e.score:+.3g}")
+        return " · ".join([f"group {e.group}", f"{e.size} ex.", f"e.g. train {e.train_id}", f"{e.score:+.3g}"])
 
     explanations = []
     for j in ids:
-        order = most_helpful_first(tau[j], output)
-        picks = {"proponent": order[:k], "opponent": order[::-1][:k]}
-        rows = {name: tuple(Example(int(i), r + 1, name, float(tau[j][i]), label(ds.y_train[i]),
-                                    text_of(x_train[i], kind, decode, columns)) for r, i in enumerate(chosen))
+        order = most_helpful_first(unit_scores[j], output)
+        # a proponent's dropping is predicted to raise a loss: only units of that sign (and the reverse)
+        sign = -1.0 if output == "loss" else 1.0
+        picks = {"proponent": [u for u in order[:k] if sign * unit_scores[j][u] > 0],
+                 "opponent": [u for u in order[::-1][:k] if sign * unit_scores[j][u] < 0]}
+        rows = {name: tuple(example(int(u), r + 1, name, j) for r, u in enumerate(chosen))
                 for name, chosen in picks.items()}
         test_title = _title(f"test {j}", label(ds.y_test[j]), predicted_class[j], f"{output} {base[j]:.3f}")
-        gallery = run.explain_file(f"{method}_{j}.png")
-        heading = f"{method}: test id {j}, top {k} proponents and opponents (scores d {output} / d w)"
+        gallery = run.explain_file(f"{stem}_{j}.png")
+        heading = f"{method}: test id {j}, top {k} proponent and opponent {units.what} (scores d {output} / d w)"
         save_bytes(gallery, gallery_png(
-            shown(x_test[j], test_title),
-            [shown(x_train[e.train_id], _title(f"train {e.train_id}", e.label, "", f"{e.score:+.3g}"))
-             for e in rows["proponent"]],
-            [shown(x_train[e.train_id], _title(f"train {e.train_id}", e.label, "", f"{e.score:+.3g}"))
-             for e in rows["opponent"]], heading))
+            shown(x_test[j], test_title), [shown(x_train[e.train_id], caption(e)) for e in rows["proponent"]],
+            [shown(x_train[e.train_id], caption(e)) for e in rows["opponent"]], heading))
         explanations.append(Explanation(j, label(ds.y_test[j]), predicted_class[j], float(base[j]),
                                         rows["proponent"], rows["opponent"], gallery))
 
     checks, retrained = ((), 0)
     if verify:
         checks, retrained = _verify(config, run, record, problem, ids, tau, w0, base, predicted_class, output,
-                                    workers, progress_factory)
+                                    workers, progress_factory, units, unit_scores, stem)
     result_rows = [{"test_id": e.test_id, "kind": ex.kind, "rank": ex.rank, "train_id": ex.train_id,
-                    "score": ex.score, "label": ex.label, "preview": snippet(ex.preview, 200)}
+                    "score": ex.score, "label": ex.label, "preview": snippet(ex.preview, 200),
+                    **({} if ex.group is None else {"group": ex.group, "size": ex.size})}
                    for e in explanations for ex in (*e.proponents, *e.opponents)]
-    table = run.explain_file(f"{method}.json")
-    save_text(table, json.dumps({"method": method, "output": output, "k": k, "rows": result_rows,
-                                 "verify": [{**vars(c), "ratio": c.ratio} for c in checks]}, indent=1) + "\n")
-    markdown = run.explain_file(f"{method}.md")
-    save_text(markdown, _markdown(method, output, k, explanations, checks, run))
+    table = run.explain_file(f"{stem}.json")
+    save_text(table, json.dumps({"method": method, "stem": stem, "groups": groups_spec, "output": output, "k": k,
+                                 "rows": result_rows, "verify": [{**vars(c), "ratio": c.ratio} for c in checks]},
+                                indent=1) + "\n")
+    markdown = run.explain_file(f"{stem}.md")
+    save_text(markdown, _markdown(method, output, k, explanations, checks, units))
     write_index(run, config.name)
-    return ExplainResult(method, output, k, tuple(explanations), tuple(checks), retrained,
+    return ExplainResult(method, output, k, groups_spec, tuple(explanations), tuple(checks), retrained,
                          time.perf_counter() - start, markdown, table)
+
+
+@dataclass(frozen=True)
+class Units:
+    """What explain ranks and drops: single training examples, or groups of them."""
+
+    n_train: int
+    groups: Groups | None
+
+    @property
+    def n(self) -> int:
+        return self.n_train if self.groups is None else self.groups.n_groups
+
+    @property
+    def what(self) -> str:
+        return "training examples" if self.groups is None else "groups"
+
+    @property
+    def name(self) -> str:
+        return "" if self.groups is None else unit_of(self.groups.source)
+
+    @property
+    def ks(self) -> list[int]:
+        """How many units --verify drops: examples 1, 4, 16, 64; groups 1, 2, 4, 8; at most a quarter."""
+        steps = VERIFY_KS if self.groups is None else VERIFY_GROUPS
+        return [k for k in steps if k <= max(1, self.n // 4)]
+
+    def scores(self, tau: np.ndarray, w0: np.ndarray) -> np.ndarray:
+        """Each unit's score for one test id: tau itself, or the group scores sum w0_i tau_i."""
+        return tau if self.groups is None else group_scores(tau[:, None], self.groups, w0)[:, 0]
+
+    def examples(self, chosen) -> np.ndarray:
+        """The training examples of the chosen units, sorted."""
+        if self.groups is None:
+            return np.sort(np.asarray(chosen, dtype=np.int64))
+        return np.flatnonzero(~group_mask(self.groups, chosen))
+
+
+def _shown_by_plugin(ds, x, title: str) -> Shown:
+    """An example drawn by the dataset's own show(x): an image in [0, 1] or a str; one line otherwise."""
+    where = f"dataset={ds.name}: its show function"
+    try:
+        value = ds.show(x)
+    except Exception as e:  # the plugin's code: any fault is one line naming it
+        raise ConfigError(f"{where} failed on {title.split(' · ')[0]}: {type(e).__name__}: {e}") from None
+    if isinstance(value, str):
+        return Shown(title, None, value)
+    image = np.asarray(value, dtype=np.float64) if isinstance(value, np.ndarray) else None
+    if image is None or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        raise ConfigError(f"{where} must return a str or a numpy image (H, W) or (H, W, 3), got "
+                          f"{type(value).__name__}{'' if image is None else f' of shape {image.shape}'}")
+    if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+        raise ConfigError(f"{where} must return an image with values in [0, 1]")
+    return Shown(title, image, "")
 
 
 def _title(name: str, label: str, predicted: str, value: str) -> str:
@@ -219,11 +308,14 @@ def _decoder(config, kind):
 
 # --- --verify: the counterfactuals, actually run ------------------------------------------------
 
-def _drops(j: int, tau: np.ndarray, output: str, k: int, seed: int) -> dict[str, np.ndarray]:
-    order = most_helpful_first(tau, output)
-    rng = np.random.default_rng(derive_seed(seed, "explain", j, k))
-    return {"proponents": np.sort(order[:k]), "opponents": np.sort(order[::-1][:k]),
-            "random": np.sort(rng.choice(len(tau), size=k, replace=False))}
+def _drops(j: int, unit_scores: np.ndarray, output: str, k: int, seed: int, units: Units) -> dict[str, np.ndarray]:
+    """The training examples each counterfactual drops: those of the top-k proponent units, of the
+    top-k opponent units, and of k random units (seeded by the test id and k)."""
+    order = most_helpful_first(unit_scores, output)
+    rng = np.random.default_rng(derive_seed(seed, "explain", j, k) if units.groups is None
+                                else derive_seed(seed, "explain", units.name, j, k))
+    return {"proponents": units.examples(order[:k]), "opponents": units.examples(order[::-1][:k]),
+            "random": units.examples(rng.choice(len(unit_scores), size=k, replace=False))}
 
 
 def _retrain_without(task):
@@ -240,18 +332,16 @@ def _retrain_without(task):
     return task, outputs, classes, worker()["fingerprint"]
 
 
-def _verify(config, run, record, problem, ids, tau, w0, base, predicted_class, output, workers, progress_factory):
-    n = problem.dataset.n_train
-    ks = [k for k in VERIFY_KS if k <= max(1, n // 4)]
-    method = config.attribute.method
+def _verify(config, run, record, problem, ids, tau, w0, base, predicted_class, output, workers, progress_factory,
+            units: Units, unit_scores: dict, stem: str):
     settings = sha256_bytes(json.dumps(settings_of(config), sort_keys=True).encode())[:16]
     plan = {}  # (j, kind, k) -> (path, identity, dropped)
     for j in ids:
-        for k in ks:
-            for kind, dropped in _drops(j, tau[j], output, k, config.seed).items():
+        for k in units.ks:
+            for kind, dropped in _drops(j, unit_scores[j], output, k, config.seed, units).items():
                 identity = {"fingerprint": record["fingerprint"], "settings": settings, "test_id": j, "kind": kind,
                             "k": k, "dropped": sha256_bytes(dropped.astype(np.int64).tobytes())[:16]}
-                plan[(j, kind, k)] = (run.explain_verify_file(method, j, kind, k), identity, dropped)
+                plan[(j, kind, k)] = (run.explain_verify_file(stem, j, kind, k), identity, dropped)
     todo = [(key, dropped) for key, (path, identity, dropped) in plan.items() if status(path, identity) != "ok"]
     with (progress_factory or no_progress)(f"verify ({len(todo)} retrainings)", len(todo)) as advance:
         for done, (task, outputs, classes, fingerprint) in enumerate(
@@ -270,23 +360,31 @@ def _verify(config, run, record, problem, ids, tau, w0, base, predicted_class, o
     return checks, len(todo)
 
 
-def _markdown(method, output, k, explanations, checks, run) -> str:
-    lines = [f"# magic explain: {method}", "",
+def _markdown(method, output, k, explanations, checks, units: Units) -> str:
+    by_group = units.groups is not None
+    lines = [f"# magic explain: {method}" + (f", groups of {units.groups.source}" if by_group else ""), "",
              f"Scores are d {output} / d w_i. A **proponent** of a test example is a training example whose "
              f"dropping is predicted to {'raise' if output == 'loss' else 'lower'} its {output} the most; an "
              f"**opponent** one whose dropping is predicted to {'lower' if output == 'loss' else 'raise'} it the "
-             f"most. Dropping a set D changes the {output} by about -sum of their scores.", ""]
+             f"most. Dropping a set D changes the {output} by about -sum of their scores.", "",
+             *([f"Ranked: {units.n} groups; a group's score is the sum of its members' scores (weighted by "
+                "their training weights), and each group is shown by its most influential member.", ""]
+               if by_group else [])]
     for e in explanations:
         lines += [f"## Test id {e.test_id}", "",
                   f"Label {e.label or '-'}, predicted {e.prediction or '-'}, {output} {e.output:.4f}.", "",
                   f"![test {e.test_id}]({e.gallery.name})", "",
-                  "| kind | rank | train id | label | score | example |", "|---|---|---|---|---|---|"]
+                  *(["| kind | rank | group | size | e.g. train id | label | score | example |",
+                     "|---|---|---|---|---|---|---|---|"] if by_group else
+                    ["| kind | rank | train id | label | score | example |", "|---|---|---|---|---|---|"])]
         for ex in (*e.proponents, *e.opponents):
-            lines.append(f"| {ex.kind} | {ex.rank} | {ex.train_id} | {ex.label or '-'} | {ex.score:+.4g} | "
+            group = f"{ex.group} | {ex.size} | " if by_group else ""
+            lines.append(f"| {ex.kind} | {ex.rank} | {group}{ex.train_id} | {ex.label or '-'} | {ex.score:+.4g} | "
                          f"{snippet(ex.preview, 50).replace('|', '/') or '(image)'} |")
         mine = [c for c in checks if c.test_id == e.test_id]
         if mine:
-            lines += ["", f"Retrained without k examples (`--verify`): predicted and actual change of the {output}.",
+            lines += ["", f"Retrained without k {units.what} (`--verify`): predicted and actual change of the "
+                          f"{output}.",
                       "", "| dropped | k | predicted | actual | actual / predicted | class flips |",
                       "|---|---|---|---|---|---|"]
             for c in sorted(mine, key=lambda c: (c.kind != "proponents", c.kind != "opponents", c.k)):

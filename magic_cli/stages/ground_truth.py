@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from magic_cli.config import Config, from_dict
+from magic_cli.core.groups import Groups, draw_group_mask
+from magic_cli.data import load_dataset
 from magic_cli.determinism import derive_seed, enable_determinism
 from magic_cli.errors import ArtifactError, ConfigError, NonFiniteError, StageError
 from magic_cli.launcher import Piece, run_pieces
@@ -50,21 +52,41 @@ from magic_cli.run_dir import (
     verify,
 )
 from magic_cli.stages.assemble import assemble, load_data_weights
+from magic_cli.stages.groups import resolve_groups, unit_of
 from magic_cli.workers import run_tasks, take_rank
 
 
-def make_mask(n_train: int, p: float, k: int, seed: int):
-    """Mask k of drop fraction p: bool (N,), False for the round(p*N) dropped examples."""
+def make_mask(n_train: int, p: float, k: int, seed: int, groups: Groups | None = None):
+    """Mask k of drop fraction p: bool (N,), False for the round(p*N) dropped examples (with
+    groups: for every member of round(p*G) dropped groups)."""
     rng = np.random.default_rng(derive_seed(seed, "mask", f"{p:g}", k))
+    if groups is not None:
+        return draw_group_mask(groups, p, rng)
     mask = np.ones(n_train, dtype=bool)
     mask[rng.choice(n_train, size=int(round(p * n_train)), replace=False)] = False
     return mask
 
 
-def make_masks(n_train: int, p: float, m: int, seed: int, ks=None):
+def make_masks(n_train: int, p: float, m: int, seed: int, ks=None, groups: Groups | None = None):
     """Masks 0..m-1 of drop fraction p (or those of the subsets `ks`): bool (m, N)."""
 
-    return np.stack([make_mask(n_train, p, k, seed) for k in (range(m) if ks is None else ks)])
+    return np.stack([make_mask(n_train, p, k, seed, groups) for k in (range(m) if ks is None else ks)])
+
+
+def truth_dir(config: Config, run: RunDir) -> RunDir:
+    """The run seen from its ground truth: ground_truth/ and report/, or with ground_truth.groups
+    their groups-<name>/ folders."""
+    return run.for_unit(unit_of(config.ground_truth.groups))
+
+
+def config_groups(config: Config, dataset=None) -> Groups | None:
+    """The Groups of ground_truth.groups (None: single examples), for `dataset` or the config's own."""
+    spec = config.ground_truth.groups
+    if spec is None:
+        return None
+    if dataset is None:
+        dataset = load_dataset(config.dataset, config.seed, getattr(torch, config.dtype))
+    return resolve_groups(spec, dataset, "ground_truth.groups")
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -127,6 +149,7 @@ def init_worker(raw_config: dict, ranks=None) -> None:
     enable_determinism(config.device, threads=1)
     torch.set_num_threads(1)
     _WORKER["problem"] = assemble(config)
+    _WORKER["groups"] = config_groups(config, _WORKER["problem"].dataset)
     _WORKER["seed"] = config.ground_truth.seed
     _WORKER["fingerprint"] = config.fingerprint()  # hashes the data-weights file as this process reads it
     _WORKER["device"] = device_name(config.device)
@@ -137,7 +160,8 @@ def _retrain(task: Task):
     with, the device it ran on)."""
 
     problem = _WORKER["problem"]
-    masks = make_masks(problem.dataset.n_train, task.p, len(task.ks), _WORKER["seed"], ks=task.ks)
+    masks = make_masks(problem.dataset.n_train, task.p, len(task.ks), _WORKER["seed"], ks=task.ks,
+                       groups=_WORKER["groups"])
     weights = problem.weights * torch.as_tensor(masks, dtype=problem.dtype, device=problem.device)
     if len(task.ks) == 1:
         finals = [problem.run(weights=weights[0])[0]]
@@ -151,15 +175,22 @@ def _retrain(task: Task):
 
 
 
-def subset_identity(fingerprint: str, seed: int, p: float, k: int, mask, batch: int = 1) -> dict:
+def subset_identity(fingerprint: str, seed: int, p: float, k: int, mask, batch: int = 1,
+                    groups: Groups | None = None) -> dict:
     """What a subset file must carry to be retraining k of drop fraction p of this run."""
 
     return {"fingerprint": fingerprint, "seed": seed, "drop": f"{p:g}", "k": k,
-            "mask": sha256_bytes(mask.tobytes())[:16], **_batch_key(batch)}
+            "mask": sha256_bytes(mask.tobytes())[:16], **_batch_key(batch), **_groups_key(groups)}
 
 
-def merged_identity(fingerprint: str, seed: int, p: float, batch: int = 1) -> dict:
-    return {"fingerprint": fingerprint, "seed": seed, "drop": f"{p:g}", **_batch_key(batch)}
+def merged_identity(fingerprint: str, seed: int, p: float, batch: int = 1, groups: Groups | None = None) -> dict:
+    return {"fingerprint": fingerprint, "seed": seed, "drop": f"{p:g}", **_batch_key(batch), **_groups_key(groups)}
+
+
+def _groups_key(groups: Groups | None) -> dict:
+    """The group assignment in an identity, only where there is one (single-example ground truth
+    keeps the identity it always had)."""
+    return {} if groups is None else {"groups": groups.digest()}
 
 
 def _batch_key(batch: int) -> dict:
@@ -191,6 +222,7 @@ def ground_truth_stage(config: Config, run: RunDir, shard: str | None = None, wo
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     index, count = parse_shard(shard)
+    run = truth_dir(config, run)
     with run.lock(exclusive=False):
         run.clean(exclusive=False)
         record = run.require_trained(config)
@@ -209,7 +241,7 @@ def ground_truth_stage(config: Config, run: RunDir, shard: str | None = None, wo
         seconds = time.perf_counter() - start
         gt = config.ground_truth
         merged = [p for p in gt.drop_fractions
-                  if _merge(run, p, gt.num_subsets, plan.identities, plan.fingerprint, gt.seed, gt.batch)]
+                  if _merge(run, p, gt.num_subsets, plan.identities, plan.fingerprint, gt.seed, gt.batch, plan.groups)]
         missing = sum(status(run.subset(*key), plan.identities[key]) != "ok" for key in plan.write
                       if key[1] < gt.num_subsets)
     if failed:
@@ -227,6 +259,7 @@ class Plan:
     but not rewritten)."""
 
     fingerprint: str
+    groups: Groups | None  # ground_truth.groups resolved (None: single examples)
     masks: dict  # p -> bool (m_all, N)
     identities: dict  # (p, k) -> identity
     todo: list  # [Task]
@@ -237,12 +270,14 @@ class Plan:
 def _plan(config, run, record, index, count) -> Plan:
     gt, fingerprint = config.ground_truth, record["fingerprint"]
     n_train = int(record["metrics"]["n_train"])
+    groups = config_groups(config)
+    units, what = (n_train, "training examples") if groups is None else (groups.n_groups, "groups")
     for p in gt.drop_fractions:
-        if round(p * n_train) == 0:
-            raise ConfigError(f"ground_truth.drop_fractions: {p:g} of {n_train} training examples drops none")
+        if round(p * units) == 0:
+            raise ConfigError(f"ground_truth.drop_fractions: {p:g} of {units} {what} drops none")
     G = gt.batch
     m_all = -(-gt.num_subsets // G) * G  # whole blocks: the last one runs past num_subsets
-    masks = {p: make_masks(n_train, p, m_all, gt.seed) for p in gt.drop_fractions}
+    masks = {p: make_masks(n_train, p, m_all, gt.seed, groups=groups) for p in gt.drop_fractions}
     if config.train.data_weights is not None:  # a subset must keep some weight: else nothing is trained on
 
         kept = load_data_weights(config.train.data_weights, n_train) > 0
@@ -252,7 +287,7 @@ def _plan(config, run, record, index, count) -> Plan:
                 raise ConfigError(f"ground truth: subset {empty[0]} of drop {p:g} drops every example of nonzero "
                                   "weight (train.data_weights): nothing would be trained on; lower "
                                   "ground_truth.drop_fractions")
-    identities = {(p, k): subset_identity(fingerprint, gt.seed, p, k, masks[p][k], G)
+    identities = {(p, k): subset_identity(fingerprint, gt.seed, p, k, masks[p][k], G, groups)
                   for p in gt.drop_fractions for k in range(m_all)}
     states = {key: status(run.subset(*key), ident) for key, ident in identities.items()}
     for key, st in states.items():
@@ -272,7 +307,7 @@ def _plan(config, run, record, index, count) -> Plan:
                 todo.append(Task(p, ks))
     write = {(t.p, k) for t in todo for k in t.ks if states[(t.p, k)] != "ok"}
     redone = sum(states[key] != "missing" for key in write if key[1] < gt.num_subsets)
-    return Plan(fingerprint, masks, identities, todo, write, redone)
+    return Plan(fingerprint, groups, masks, identities, todo, write, redone)
 
 
 def _prepare(config, run, plan: Plan) -> None:
@@ -280,7 +315,7 @@ def _prepare(config, run, plan: Plan) -> None:
 
     gt = config.ground_truth
     for p in gt.drop_fractions:
-        meta = {**merged_identity(plan.fingerprint, gt.seed, p, gt.batch), "num_subsets": gt.num_subsets}
+        meta = {**merged_identity(plan.fingerprint, gt.seed, p, gt.batch, plan.groups), "num_subsets": gt.num_subsets}
         if status(run.masks(p), meta) != "ok":
             save_artifact(run.masks(p), npy_bytes(plan.masks[p][:gt.num_subsets]), meta)
     for key in plan.write:
@@ -310,6 +345,7 @@ def write_subsets(config, run, plan: Plan, task: Task, outputs: list, fingerprin
 def retrain_tasks_here(config, run, tasks: list[Task]) -> int:
     """Retrain `tasks` in this process and write their subsets (a cluster job's body). Returns the
     number of subsets written."""
+    run = truth_dir(config, run)
     with run.lock(exclusive=False):
         record = run.require_trained(config)
         plan = _plan(config, run, record, 0, 1)
@@ -317,12 +353,12 @@ def retrain_tasks_here(config, run, tasks: list[Task]) -> int:
         return sum(write_subsets(config, run, plan, *result) for result in _run_tasks(config, plan.todo, 1))
 
 
-def _merge(run, p, m, identities, fingerprint, seed, batch) -> bool:
+def _merge(run, p, m, identities, fingerprint, seed, batch, groups) -> bool:
     """Write outputs_<o>.npy (m, n_test) of drop fraction p once all m subsets are valid."""
     records = [valid_record(run.subset(p, k), identities[(p, k)]) for k in range(m)]
     if any(r is None for r in records):
         return False
-    meta = {**merged_identity(fingerprint, seed, p, batch), "num_subsets": m,
+    meta = {**merged_identity(fingerprint, seed, p, batch, groups), "num_subsets": m,
             "subsets": sha256_bytes("".join(r["sha256"] for r in records).encode())[:16],
             "device_types": sorted({device_type(r.get("device", "")) for r in records})}
     if all(status(run.ground_truth_outputs(p, o), meta) == "ok" for o in OUTPUTS):
@@ -334,7 +370,7 @@ def _merge(run, p, m, identities, fingerprint, seed, batch) -> bool:
 
 
 def load_ground_truth(run, config, fingerprint: str, p: float, output: str, n_train: int,
-                      mix_devices: bool = False):
+                      mix_devices: bool = False, groups: Groups | None = None):
     """(masks bool (m, N), outputs (m, n_test)) of drop fraction p, verified against the run and
     config.ground_truth; None if nothing was retrained for p; StageError saying what to run.
     Retrainings of several device types (bits agree only within one) are refused unless mix_devices."""
@@ -346,7 +382,7 @@ def load_ground_truth(run, config, fingerprint: str, p: float, output: str, n_tr
             return None
         raise StageError(f"ground truth for drop {p:g} is incomplete: run `magic retrain-ground-truth` to finish it")
     try:
-        side = verify(path, merged_identity(fingerprint, gt.seed, p, gt.batch))
+        side = verify(path, merged_identity(fingerprint, gt.seed, p, gt.batch, groups))
     except ArtifactError as e:
 
         old = load_json(sidecar(path)) if e.reason == "stale" else {}
@@ -361,7 +397,7 @@ def load_ground_truth(run, config, fingerprint: str, p: float, output: str, n_tr
     if side["num_subsets"] < gt.num_subsets:
         raise StageError(f"{folder} has {side['num_subsets']} retrainings but ground_truth.num_subsets="
                          f"{gt.num_subsets}: run `magic retrain-ground-truth` to add the rest")
-    masks = make_masks(n_train, p, gt.num_subsets, gt.seed)
+    masks = make_masks(n_train, p, gt.num_subsets, gt.seed, groups=groups)
     return masks, load_npy(path)[:gt.num_subsets]
 
 

@@ -91,15 +91,22 @@ def _explain_section(run: RunDir) -> list[str]:
            "predicted to lower it the most.</p>"]
     for path in tables:
         data = json.loads(path.read_text())
-        method = data["method"]
+        method, stem, groups = data["method"], data.get("stem", data["method"]), data.get("groups")
+        title = f"{method}, groups of {groups}" if groups else method
         for j in sorted({r["test_id"] for r in data["rows"]}):
-            out.append(f"<h3>{html.escape(method)}: test id {j}</h3>")
-            gallery = run.explain_file(f"{method}_{j}.png")
+            out.append(f"<h3>{html.escape(title)}: test id {j}</h3>")
+            gallery = run.explain_file(f"{stem}_{j}.png")
             if gallery.is_file():
-                out.append(_img(gallery, f"{method} test {j}"))
-            rows = [[r["kind"], r["rank"], r["train_id"], r["label"] or "-", f"{r['score']:+.4g}"]
-                    for r in data["rows"] if r["test_id"] == j]
-            out.append(_table(["kind", "rank", "train id", "label", "score"], rows, numeric={1, 2, 4}))
+                out.append(_img(gallery, f"{title} test {j}"))
+            mine = [r for r in data["rows"] if r["test_id"] == j]
+            if groups:
+                rows = [[r["kind"], r["rank"], r["group"], r["size"], r["train_id"], f"{r['score']:+.4g}"]
+                        for r in mine]
+                out.append(_table(["kind", "rank", "group", "size", "e.g. train id", "score"], rows,
+                                  numeric={1, 3, 4, 5}))
+            else:
+                rows = [[r["kind"], r["rank"], r["train_id"], r["label"] or "-", f"{r['score']:+.4g}"] for r in mine]
+                out.append(_table(["kind", "rank", "train id", "label", "score"], rows, numeric={1, 2, 4}))
             checks = [c for c in data.get("verify", []) if c["test_id"] == j]
             if checks:
                 out.append('<p class="note">Retrained without k examples: predicted and actual change.</p>')

@@ -6,6 +6,7 @@
     s = run.scores("magic")          # s.values (N, J) float, s.test_ids [J], s.frame (pandas, N x J)
     masks, outputs = run.ground_truth(0.01)          # bool (m, N), float64 (m, n_test)
     run.lds()                        # the report's per-test LDS table (pandas), after `magic score`
+    run.group_scores("label")        # d f_j / d e_g per group of training examples (pandas, G x J)
 
 Everything is verified as the commands verify it (digests, and the fingerprint of the run's
 training record); a damaged or foreign artifact raises magic_cli.errors.StageError naming the
@@ -20,13 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import torch
 import yaml
 
+from magic_cli.core.groups import Groups, group_scores
 from magic_cli.core.metrics import most_helpful_first
-from magic_cli.errors import ArtifactError, StageError
+from magic_cli.data import load_dataset
+from magic_cli.errors import ArtifactError, ConfigError, StageError
 from magic_cli.run_dir import RunDir, load_npy, load_record, verify
+from magic_cli.stages.assemble import load_data_weights
 from magic_cli.stages.attribute import load_scores
 from magic_cli.stages.ground_truth import make_masks
+from magic_cli.stages.groups import resolve_groups
 
 
 @dataclass
@@ -121,6 +127,30 @@ class Run:
                 drawn_row = shown.get((row["kind"], row["train_id"]), {})
                 row["label"], row["preview"] = drawn_row.get("label"), drawn_row.get("preview")
         return pd.DataFrame(rows)
+
+    def group_scores(self, groups, method: str = "magic"):
+        """d f_j / d e_g for every group g of training examples: the sum of its members' scores weighted
+        by their training weights (core/groups.py), as a frame: group, size, then one column per
+        test id. groups: "label", a table column, a file of group names (as --groups), or one group
+        name per training example (None: in no group)."""
+        from magic_cli.config import from_dict
+
+        scores = self.scores(method)
+        config = from_dict(self.config)
+        n = int(self.metrics["n_train"])
+        if isinstance(groups, (str, Path)):
+            dataset = load_dataset(config.dataset, config.seed, getattr(torch, config.dtype))
+            resolved = resolve_groups(str(groups), dataset)
+        else:
+            names = list(groups)
+            if len(names) != n:
+                raise ConfigError(f"groups: {len(names)} names given, one per training example needs {n}")
+            resolved = Groups.of(names, "given")
+        w0 = load_data_weights(config.train.data_weights, n) if config.train.data_weights else None
+        frame = pd.DataFrame(group_scores(scores.values, resolved, w0), columns=scores.test_ids)
+        frame.insert(0, "size", resolved.sizes())
+        frame.insert(0, "group", list(resolved.names))
+        return frame
 
     def lds(self):
         """The per-test LDS table of the last `magic score` (method, drop, test_id, spearman, pearson, slope)."""

@@ -18,13 +18,14 @@ import numpy as np
 import pandas as pd
 
 from magic_cli.config import Config
+from magic_cli.core.groups import group_scores
 from magic_cli.core.metrics import mean_with_ci, per_test_correlations, predicted_change
 from magic_cli.plots import figure_bytes, pyplot
 from magic_cli.run_dir import RunDir, StageError, load_npy, save_bytes, save_json, save_text, verify
 from magic_cli.stages.assemble import load_data_weights
 from magic_cli.stages.attribute import load_scores
 from magic_cli.stages.checkpoints import REPAIR
-from magic_cli.stages.ground_truth import load_ground_truth
+from magic_cli.stages.ground_truth import config_groups, load_ground_truth, truth_dir
 from magic_cli.stages.page import write_index
 
 SCATTER_IDS = 4  # test ids per scatter plot
@@ -74,6 +75,7 @@ class ScoreResult:
 def score_stage(config: Config, run: RunDir, mix_devices: bool = False) -> ScoreResult:
     """Compute LDS for every method x drop fraction with ground truth; write report/. Ground truth
     retrained on several device types is refused unless mix_devices."""
+    run = truth_dir(config, run)
     with run.lock(exclusive=False):
         run.clean(exclusive=False)
         record = run.require_trained(config)
@@ -86,13 +88,16 @@ def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> Scor
     if not methods:
         raise StageError(f"no attribution in {run.root}: run `magic attribute --test-ids 0:50` first")
     n_train = int(record["metrics"]["n_train"])
+    groups = config_groups(config)
     truth = {}
     for p in config.ground_truth.drop_fractions:
-        loaded = load_ground_truth(run, config, fingerprint, p, output, n_train, mix_devices)
+        loaded = load_ground_truth(run, config, fingerprint, p, output, n_train, mix_devices, groups)
         if loaded is not None:
             truth[p] = loaded
     if not truth:
-        raise StageError(f"no complete ground truth in {run.root}: run `magic retrain-ground-truth` first")
+        also = f" --groups {config.ground_truth.groups}" if groups is not None else ""
+        raise StageError(f"no complete ground truth in {run.ground_truth_root}: run `magic retrain-ground-truth{also}` "
+                         "first")
     verify(run.train_outputs(output), {"fingerprint": fingerprint}, REPAIR)
     base = load_npy(run.train_outputs(output))  # f_j(w0): (n_test,)
     # The prediction for retraining on w0 * mask is tau^T (w0 * mask - w0): the dropped examples'
@@ -107,6 +112,11 @@ def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> Scor
                              f"{output}; rerun `magic attribute` with attribute.output={output}")
         ids = list(side["test_ids"])
         seconds[method] = side.get("seconds")
+        if groups is not None:  # d f_j / d e_g of every group, for the reader
+            frame = pd.DataFrame(group_scores(scores, groups, w0), columns=ids)
+            frame.insert(0, "size", groups.sizes())
+            frame.insert(0, "group", list(groups.names))
+            save_text(run.report_file(f"group_scores_{method}.csv"), frame.to_csv(index=False))
         summary[method] = {}
         for p, (masks, outputs) in truth.items():
             actual = outputs[:, ids] - base[ids]  # (m, J)
@@ -131,6 +141,7 @@ def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> Scor
     result = {"lds": summary, "seconds": seconds, "output": output, "drop_fractions": drops,
               "missing_drop_fractions": [p for p in config.ground_truth.drop_fractions if p not in truth],
               "methods": methods, "fingerprint": fingerprint,
+              "unit": "examples" if groups is None else f"groups ({groups.source}, {groups.n_groups})",
               "test_accuracy": record["metrics"]["test_accuracy"]}
     save_text(run.report_file("lds.csv"), table.to_csv(index=False))
     save_json(run.report_file("summary.json"), result)
@@ -164,6 +175,9 @@ def _markdown(result: dict, config) -> str:
              f"Output: `{result['output']}`. LDS = Spearman correlation between predicted and actual change "
              "of the output over retrainings with random subsets dropped, averaged over test examples "
              "(95 % bootstrap CI). Slope: median regression slope of actual on predicted change.", "",
+             *([f"Ground truth drops whole groups: {result['unit']}; a group's score is the sum of its "
+                "members' weighted scores (group_scores_<method>.csv).", ""]
+               if result.get("unit", "examples") != "examples" else []),
              "| method | drop | mean LDS | 95 % CI | n test | subsets | Pearson | slope | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
     for method, per_drop in result["lds"].items():
@@ -184,13 +198,15 @@ def _plot_lds(result: dict) -> bytes:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
     for method, per_drop in result["lds"].items():
-        ps = [float(p) for p in per_drop]
-        mean = [s["mean"] for s in per_drop.values()]
-        ax.plot(ps, mean, marker="o", label=method)
-        ax.fill_between(ps, [s["ci_low"] for s in per_drop.values()], [s["ci_high"] for s in per_drop.values()],
+        finite = {float(p): s for p, s in per_drop.items() if np.isfinite(s["mean"])}  # NaN: no output moved
+        if not finite:
+            continue
+        ax.plot(list(finite), [s["mean"] for s in finite.values()], marker="o", label=method)
+        ax.fill_between(list(finite), [s["ci_low"] for s in finite.values()], [s["ci_high"] for s in finite.values()],
                         alpha=0.2)
     ax.set_xscale("log")
-    ax.set_xlabel("fraction of training data dropped")
+    groups = result.get("unit", "examples") != "examples"
+    ax.set_xlabel("fraction of groups dropped" if groups else "fraction of training data dropped")
     ax.set_ylabel("mean LDS (Spearman)")
     ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.0)
     ax.grid(alpha=0.3)
