@@ -19,8 +19,8 @@ api.py). They are imported on first use, so `import magic_cli` (and `magic --hel
 
 __version__ = "0.1.0"
 
-_API = ("compose", "train", "attribute", "explain", "retrain_ground_truth", "score", "smoothness", "smoothness_sweep",
-        "load_run")
+_API = ("compose", "train", "attribute", "explain", "retrain_ground_truth", "tune", "score", "smoothness",
+        "smoothness_sweep", "load_run")
 
 
 def __getattr__(name: str):

@@ -30,6 +30,7 @@ from magic_cli.stages.results import Run, load_run
 from magic_cli.stages.score import ScoreResult, score_stage
 from magic_cli.stages.smoothness import SmoothnessResult, SweepResult, smoothness_stage, sweep_stage
 from magic_cli.stages.train import TrainResult, train_stage
+from magic_cli.stages.tune import TuneResult, tune_stage
 
 
 def compose(overrides: Sequence[str] = (), config_dir: str | None = None) -> Config:
@@ -74,6 +75,13 @@ def retrain_ground_truth(cfg: Config, workers: int = 1, shard: str | None = None
                               merge_only=merge_only)
 
 
+def tune(cfg: Config, method: str | None = None, progress=None) -> TuneResult:
+    """`magic tune --method M`: M's hyperparameters chosen by LDS on validation test ids (never reported)."""
+    if method is not None:
+        cfg = with_values(cfg, [f"attribute.method={method}"])
+    return tune_stage(cfg, RunDir(cfg.out_dir), progress_factory=progress)
+
+
 def score(cfg: Config, mix_devices: bool = False) -> ScoreResult:
     """`magic score`: LDS of every attribution method against the ground truth; writes report/."""
     return score_stage(cfg, RunDir(cfg.out_dir), mix_devices=mix_devices)
@@ -92,5 +100,5 @@ def smoothness_sweep(overrides: Sequence[str], config_dir: str | None = None, wo
 
 
 __all__ = ["AttributeResult", "Config", "ExplainResult", "GroundTruthResult", "Run", "ScoreResult",
-           "SmoothnessResult", "SweepResult", "TrainResult", "attribute", "compose", "explain", "load_run",
-           "retrain_ground_truth", "score", "smoothness", "smoothness_sweep", "train"]
+           "SmoothnessResult", "SweepResult", "TrainResult", "TuneResult", "attribute", "compose", "explain",
+           "load_run", "retrain_ground_truth", "score", "smoothness", "smoothness_sweep", "train", "tune"]

@@ -32,7 +32,7 @@ ConfigDir = Annotated[Optional[Path], typer.Option(
     show_default=False)]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Recompute and replace existing results.")]
 Method = Annotated[Optional[str], typer.Option(
-    "--method", help="magic (exact, default) | grad-dot | tracin | trak | ekfac; same as attribute.method=.",
+    "--method", help="magic (exact, default) | grad-dot | tracin | trak | ekfac | source; same as attribute.method=.",
     show_default=False)]
 
 Groups = Annotated[Optional[str], typer.Option(
@@ -146,6 +146,9 @@ def attribute(
         _console().print(f"[yellow]warning:[/] the adjoint grew {result.adjoint_growth:.1e}x over the reverse pass "
                          f"(test ids {ids}): training amplifies perturbations, so expect a low LDS; "
                          "`magic smoothness` measures it before attribution")
+    if result.tuned:
+        chosen = ", ".join(f"{k}={v}" for k, v in result.tuned.items())
+        _console().print(f"with the values `magic tune` chose: {chosen}")
     typer.echo(f"wrote {result.scores_path} {result.shape} ({result.merged_ids} test ids)")
 
 
@@ -217,6 +220,36 @@ def retrain_ground_truth(
                          f"{'without --merge-only ' if merge_only else ''}to retrain them")
     merged = ", ".join(f"{p:g}" for p in res.merged) or "none yet"
     typer.echo(f"wrote {res.folder} (complete drop fractions: {merged})")
+
+
+@app.command()
+def tune(
+    method: Annotated[str, typer.Option(
+        "--method", help="The baseline to tune: trak | ekfac | tracin | source (MAGIC has nothing to tune).",
+        show_default=False)],
+    overrides: Overrides = None, config_dir: ConfigDir = None,
+):
+    """Pick a baseline's hyperparameters by LDS on validation test ids (a seeded draw, never reported),
+    against the ground truth; later `magic attribute --method M` uses them."""
+    from rich.table import Table
+
+    from magic_cli import api
+    from magic_cli.progress import rich_progress
+
+    cfg = _load(_with_method(overrides, method), config_dir)
+    res = _run("tune", api.tune, cfg, progress=rich_progress)
+    table = Table(title=f"{res.method}: mean LDS of {len(res.validation_ids)} validation ids "
+                        f"(drop {', '.join(f'{p:g}' for p in res.drop_fractions)})")
+    keys = list(res.trials[0].values)
+    for col in (*keys, "LDS", "sec"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for t in res.trials:
+        mark = "[bold]" if t.values == res.best else ""
+        lds = f"{mark}{t.lds:.3f}" if t.lds == t.lds else ("skipped" if t.skipped else "nan")
+        table.add_row(*(str(t.values[k]) for k in keys), lds, f"{t.seconds:.1f}")
+    _console().print(table)
+    chosen = ", ".join(f"{k}={v}" for k, v in res.best.items())
+    typer.echo(f"chose {chosen}; wrote {res.path} (magic attribute --method {res.method} uses it)")
 
 
 @app.command()

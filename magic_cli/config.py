@@ -171,7 +171,7 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class TrakConfig:
     proj_dim: int = 1024  # random projection dimension k
-    damping: float = 0.1  # lambda relative to the mean diagonal of Phi^T Phi
+    damping: float = 1.0  # lambda relative to the mean diagonal of Phi^T Phi
     checkpoints: int = 1  # ensemble over the last K epoch states (1 = final model only)
 
     def __post_init__(self):
@@ -182,11 +182,57 @@ class TrakConfig:
 
 @dataclass(frozen=True)
 class EkfacConfig:
-    damping: float = 0.1  # lambda added to the eigenvalues
-    relative_damping: bool = True  # lambda = damping * mean eigenvalue of each layer
+    damping: float = 1e-3  # lambda added to the eigenvalues
+    relative_damping: bool = False  # lambda = damping * mean eigenvalue of each layer
 
     def __post_init__(self):
         _check(self.damping >= 0, f"attribute.ekfac.damping must be >= 0, got {self.damping}")
+
+
+@dataclass(frozen=True)
+class TracinConfig:
+    states: str = "end"  # the epoch states TracIn sums over: start (of each epoch) | end
+    checkpoints: int = 0  # the last K epochs (0 = every epoch)
+    lr_weighting: bool = True  # weigh each epoch by its mean learning rate (else optimizer.lr throughout)
+
+    def __post_init__(self):
+        _choice("attribute.tracin.states", self.states, ("start", "end"))
+        _check(self.checkpoints >= 0, f"attribute.tracin.checkpoints must be >= 0, got {self.checkpoints}")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    segments: int = 6  # runs of training steps unrolled separately, each with its own curvature
+    damping: float = 1e-4  # added to the EK-FAC eigenvalues of each segment
+    relative_damping: bool = False  # damping is a multiple of each layer's mean eigenvalue (else absolute)
+
+    def __post_init__(self):
+        _check(self.segments >= 1, f"attribute.source.segments must be >= 1, got {self.segments}")
+        _check(self.damping >= 0, f"attribute.source.damping must be >= 0, got {self.damping}")
+
+
+# the methods with hyperparameters (magic tune)
+TUNABLE = {"trak": TrakConfig, "ekfac": EkfacConfig, "tracin": TracinConfig, "source": SourceConfig}
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """`magic tune` (stages/tune.py): validation ids and the grid of each baseline."""
+
+    n_val: int = 20  # validation test ids: a seeded draw, left out of every reported LDS
+    seed: int = 0
+    grid: dict = field(default_factory=dict)  # method -> {key: [values]}
+
+    def __post_init__(self):
+        _check(self.n_val >= 1, f"attribute.tune.n_val must be >= 1, got {self.n_val}")
+        for method, grid in self.grid.items():
+            _check(method in TUNABLE, f"attribute.tune.grid.{method}: only {', '.join(TUNABLE)} have hyperparameters")
+            _check(isinstance(grid, dict), f"attribute.tune.grid.{method} must map keys to lists of values")
+            keys = [f.name for f in dataclasses.fields(TUNABLE[method])]
+            for key, values in grid.items():
+                _check(key in keys, f"unknown key attribute.tune.grid.{method}.{key}; valid keys: {', '.join(keys)}")
+                _check(isinstance(values, (list, tuple)) and len(values) > 0,
+                       f"attribute.tune.grid.{method}.{key} must be a non-empty list of values")
 
 
 @dataclass(frozen=True)
@@ -200,6 +246,9 @@ class AttributeConfig:
     compile: bool = False  # magic: torch.compile the batched backward-over-backward (metagrad.compiled_vjp)
     trak: TrakConfig = field(default_factory=TrakConfig)
     ekfac: EkfacConfig = field(default_factory=EkfacConfig)
+    tracin: TracinConfig = field(default_factory=TracinConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def __post_init__(self):
         _choice("attribute.method", self.method, METHODS)

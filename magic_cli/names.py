@@ -10,5 +10,5 @@ LOSS_REDUCTIONS = ("mean", "sum", "token_mean")  # train.loss_reduction: core/pr
 OPTIMIZERS = ("adam", "sgd")  # optimizer.name: core/optim.py
 SCHEDULES = ("constant", "onecycle", "cosine", "warmup_linear", "warmup_constant")  # optimizer.schedule.name
 STRATEGIES = ("all", "sqrt", "replay", "binomial")  # checkpoint.name: core/replay.py
-METHODS = ("magic", "grad-dot", "tracin", "trak", "ekfac")  # attribute.method: core/methods.py ATTRIBUTORS
+METHODS = ("magic", "grad-dot", "tracin", "trak", "ekfac", "source")  # attribute.method: core/methods.py ATTRIBUTORS
 LAUNCHERS = ("local", "slurm")  # launcher.name: launcher.py

@@ -6,6 +6,7 @@ marker and the run lock.
     attribute/<method>/  settings.json  test_<id>.npy  scores.npy  scores.json  last_run.json
     ground_truth/drop_<p>/  masks.npy  subset_<k>.npz  outputs_{loss,margin}.npy
     ground_truth/groups-<name>/drop_<p>/  the same, dropping whole groups (ground_truth.groups)
+    tune/         split.json <method>.json (magic tune: validation ids, grid, chosen values)
     report/       index.html lds.csv summary.json report.md lds_vs_drop.png scatter_<method>_<p>.png
     report/groups-<name>/  the same for the group ground truth, and group_scores_<method>.csv
     report/explain/  <method>_<test id>.png <method>.md <method>.json verify/ (magic explain)
@@ -337,6 +338,16 @@ class RunDir:
     def ground_truth_outputs(self, p: float, output: str) -> Path:
         return self.ground_truth_dir(p) / f"outputs_{output}.npy"
 
+    # tune/
+    @property
+    def tune_split(self) -> Path:
+        """The validation test ids of `magic tune` (left out of every reported LDS)."""
+        return self.root / "tune" / "split.json"
+
+    def tune_file(self, method: str) -> Path:
+        """A baseline's grid, validation LDS and chosen hyperparameters."""
+        return self.root / "tune" / f"{method}.json"
+
     # smoothness/
     @property
     def smoothness_dir(self) -> Path:
@@ -482,7 +493,7 @@ class RunDir:
         rename, so an interrupted clear leaves no finished training next to older results."""
         trash = self.root / TRASH
         trash.mkdir(exist_ok=True)
-        for sub in ("train", "attribute", "ground_truth", "report", "smoothness"):
+        for sub in ("train", "attribute", "ground_truth", "report", "smoothness", "tune"):
             if (self.root / sub).exists():
                 os.replace(self.root / sub, trash / f"{sub}-{uuid.uuid4().hex}")
         shutil.rmtree(trash, ignore_errors=True)

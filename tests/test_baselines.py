@@ -52,25 +52,31 @@ def test_grad_dot_matches_explicit_dot_products(cli, tmp_path, output):
             assert scores[i, j] == pytest.approx(-eta_over_b * float(g_i @ g_j), rel=1e-9, abs=1e-15)
 
 
-def test_tracin_sums_over_epoch_checkpoints(cli, tmp_path):
-    scores, problem = _attribute(cli, tmp_path, "tracin")
+@pytest.mark.parametrize("states,last,weighted", [("start", 0, True), ("end", 1, False)])
+def test_tracin_sums_over_epoch_checkpoints(cli, tmp_path, states, last, weighted):
+    scores, problem = _attribute(cli, tmp_path, "tracin", f"attribute.tracin.states={states}",
+                                 f"attribute.tracin.checkpoints={last}", f"attribute.tracin.lr_weighting={weighted}")
     ds, cfg = problem.dataset, problem.config
     spe = problem.total_steps // cfg.train.epochs
-    _, kept, _ = problem.run(keep=set(range(0, problem.total_steps, spe)))
+    _, kept, _ = problem.run(keep=set(range(0, problem.total_steps + 1, spe)))
+    starts = list(range(0, problem.total_steps, spe))[-last if last else 0:]
     for i in (3, 50):
         want = np.zeros(len(IDS))
-        for start in range(0, problem.total_steps, spe):
-            lr = cfg.optimizer.lr * np.mean([lr_factor(cfg.optimizer.schedule, t, problem.total_steps)
-                                             for t in range(start, start + spe)])
-            g_i = _grad(problem, kept[start], ds.x_train[i], ds.y_train[i], OUTPUT_FUNCTIONS["loss"])
+        for start in starts:
+            schedule = [lr_factor(cfg.optimizer.schedule, t, problem.total_steps) for t in range(start, start + spe)]
+            mean = np.mean(schedule)
+            lr = cfg.optimizer.lr * (mean if weighted else 1.0)
+            state = kept[start + spe if states == "end" else start]
+            g_i = _grad(problem, state, ds.x_train[i], ds.y_train[i], OUTPUT_FUNCTIONS["loss"])
             for j, test_id in enumerate(IDS):
-                g_j = _grad(problem, kept[start], ds.x_test[test_id], ds.y_test[test_id], OUTPUT_FUNCTIONS["loss"])
+                g_j = _grad(problem, state, ds.x_test[test_id], ds.y_test[test_id], OUTPUT_FUNCTIONS["loss"])
                 want[j] -= lr / cfg.train.batch_size * float(g_i @ g_j)
         np.testing.assert_allclose(scores[i], want, rtol=1e-9)
 
 
 def test_trak_matches_its_formula_computed_explicitly(cli, tmp_path):
-    scores, problem = _attribute(cli, tmp_path, "trak", "attribute.trak.proj_dim=32", "attribute.output=margin")
+    scores, problem = _attribute(cli, tmp_path, "trak", "attribute.trak.proj_dim=32", "attribute.output=margin",
+                                 "attribute.trak.damping=0.1")
     final, ds = _final(problem), problem.dataset
     projection = baselines.trak_projection(final.params, 32, problem.config.seed, 0)
     p_flat = torch.cat([projection[k] for k in final.params])  # (P, k), parameters in order
@@ -117,6 +123,88 @@ def test_ekfac_equals_exact_hessian_influence_where_kfac_is_exact():
             assert float(got[i, j]) == pytest.approx(want, rel=1e-8)
 
 
+def _logreg_at_zero():
+    """Logistic regression at zero weights, where the K-FAC Gauss-Newton Hessian is exact."""
+    problem = problem_for([o for o in TINY if not o.startswith("model.hidden")] + ["model=logreg"])
+    state = problem.init_state()
+    return problem, TrainState({k: torch.zeros_like(v) for k, v in state.params.items()}, state.buffers, state.opt)
+
+
+def _exact_hessian(problem, state):
+    ds = problem.dataset
+    shapes = {k: v.shape for k, v in state.params.items()}
+    sizes = [v.numel() for v in state.params.values()]
+
+    def mean_loss(theta):
+        params = {k: t.view(shapes[k]) for k, t in zip(shapes, torch.split(theta, sizes))}
+        logits, _ = problem.model.apply(params, {}, ds.x_train, train=False)
+        return OUTPUT_FUNCTIONS["loss"](logits, ds.y_train).mean()
+
+    return torch.func.hessian(mean_loss)(torch.cat([v.flatten() for v in state.params.values()]))
+
+
+def _test_grads(problem, state):
+    ds = problem.dataset
+    (_, g), = baselines.per_example_grads(problem, state, ds.x_test[IDS], ds.y_test[IDS], OUTPUT_FUNCTIONS["loss"],
+                                          chunk=len(IDS))
+    return g
+
+
+def test_source_is_unrolled_training_with_each_segments_curvature_where_kfac_is_exact():
+    """Two segments at a state where K-FAC is exact: scores = -(1/N) sum_l <made_l carry_{l+1}
+    grad f, grad l_i> with the matrix functions of the exact Hessian, computed independently."""
+    problem, state = _logreg_at_zero()
+    ds, n, damping, horizons = problem.dataset, problem.dataset.n_train, 1e-3, (3.0, 7.0)
+    got = baselines.source_from(problem, [(state, h) for h in horizons], _test_grads(problem, state), damping, False)
+    lam, q = torch.linalg.eigh(_exact_hessian(problem, state) + damping * torch.eye(_exact_hessian(
+        problem, state).shape[0], dtype=torch.float64))
+
+    def fn(values):
+        return q @ torch.diag(values) @ q.T
+
+    made = [fn(-torch.expm1(-h * lam) / lam) for h in horizons]
+    carry_last = fn(torch.exp(-horizons[1] * lam))
+    loss = OUTPUT_FUNCTIONS["loss"]
+    for i in (0, 9, 77):
+        g_i = _grad(problem, state, ds.x_train[i], ds.y_train[i], loss)
+        for j, test_id in enumerate(IDS):
+            g_j = _grad(problem, state, ds.x_test[test_id], ds.y_test[test_id], loss)
+            want = -float(g_i @ (made[1] + made[0] @ carry_last) @ g_j) / n
+            assert float(got[i, j]) == pytest.approx(want, rel=1e-8)
+
+
+def test_source_limits_are_influence_functions_and_gradient_descent():
+    """One segment: an endless horizon gives EK-FAC influence; a vanishing one, -h/N <grad f, grad l_i>."""
+    problem, _ = _logreg_at_zero()
+    final = problem.run()[0]  # the trained model: curvature not Kronecker-exact, the identities still hold
+    g_test = _test_grads(problem, final)
+    endless = baselines.source_from(problem, [(final, 1e12)], g_test, 1e-3, False)
+    ekfac = baselines.ekfac(problem, final, IDS, "loss", {"damping": 1e-3, "relative_damping": False})
+    np.testing.assert_allclose(endless.numpy(), ekfac.numpy(), rtol=1e-9, atol=1e-12 * float(ekfac.abs().max()))
+    h = 1e-9
+    brief = baselines.source_from(problem, [(final, h)], g_test, 0.0, False)
+    dots = baselines._grad_dot(problem, final, IDS, "loss", baselines.Clock())
+    np.testing.assert_allclose(brief.numpy(), (-h / problem.dataset.n_train * dots).numpy(), rtol=1e-6)
+
+
+def test_source_segments_and_their_step_sizes():
+    assert baselines.segment_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    problem = problem_for(TINY)  # Adam: each layer's horizon scaled by its mean preconditioner
+    final = problem.run()[0]
+    cfg, t = problem.config.optimizer, problem.total_steps
+    per_layer = baselines._per_layer(problem, final, t, 2.0)
+    assert sorted(per_layer) == sorted(baselines._linear_layers(final.params))
+    for name, h in per_layer.items():
+        nu = torch.cat([final.opt["nu"][f"{name}.{p}"].flatten() for p in ("weight", "bias")]).double()
+        want = 2.0 * float((1 / (torch.sqrt(nu / (1 - cfg.betas[1] ** t) + cfg.eps_root) + cfg.eps)).mean())
+        assert h == pytest.approx(want, rel=1e-12)
+    sgd = problem_for([*TINY, "optimizer=sgd"])
+    assert baselines._per_layer(sgd, sgd.init_state(), 1, 2.0) == 2.0
+    carry, made = baselines.source_filters(torch.tensor([0.0, 1.0]), 2.0, 0.0)
+    assert torch.allclose(carry, torch.tensor([1.0, np.exp(-2.0)], dtype=carry.dtype))
+    assert torch.allclose(made, torch.tensor([2.0, 1 - np.exp(-2.0)], dtype=made.dtype))
+
+
 def test_ekfac_refuses_parameters_outside_linear_layers():
     with pytest.raises(ValueError, match="linear layers"):
         baselines._linear_layers({"conv.weight": torch.zeros(2, 2, 3, 3)})
@@ -125,12 +213,12 @@ def test_ekfac_refuses_parameters_outside_linear_layers():
 def test_score_compares_all_methods_side_by_side(cli, tmp_path):
     args = [*TINY, f"out_dir={tmp_path}", "ground_truth.drop_fractions=[0.1]", "ground_truth.num_subsets=8"]
     assert cli("train", *args)[0] == 0
-    for method in ("magic", "grad-dot", "tracin", "trak", "ekfac"):
+    for method in ("magic", "grad-dot", "tracin", "trak", "ekfac", "source"):
         assert cli("attribute", "--test-ids", "0:4", "--method", method, *args)[0] == 0
     assert cli("retrain-ground-truth", *args)[0] == 0
     code, out, err = cli("score", *args)
     assert code == 0, err
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
-    assert sorted(summary["lds"]) == ["ekfac", "grad-dot", "magic", "tracin", "trak"]
+    assert sorted(summary["lds"]) == ["ekfac", "grad-dot", "magic", "source", "tracin", "trak"]
     assert all(summary["seconds"][m] > 0 for m in summary["lds"])
     assert summary["lds"]["magic"]["0.1"]["mean"] > 0.9

@@ -38,8 +38,9 @@ def one_line_error(code: int, err: str, *fragments: str) -> None:
 
 # What may differ between two runs of the same thing: wall-clock timings, how many ids this
 # invocation computed, and the files that name the out_dir or show timings (report.md, index.html).
-VOLATILE = {"seconds", "train_seconds", "ids_computed", "directions_computed"}
-SKIP = ("metrics.json", "last_run.json", "config.yaml", "overrides.txt", "report.md", "index.html")
+VOLATILE = {"seconds", "train_seconds", "ids_computed", "directions_computed", "fixed", "cost"}
+SKIP = ("metrics.json", "last_run.json", "config.yaml", "overrides.txt", "report.md", "index.html",
+        "lds_vs_cost.png")  # the cost plot draws measured seconds
 
 
 def _content(path: Path):

@@ -7,12 +7,15 @@ converted (the scale matters only for the slope, never for the LDS):
 
     grad-dot  -eta/B * <grad f_j, grad l_i> at the final model: one SGD step of size eta = optimizer.lr
               on the example's share of a batch (B = train.batch_size for mean reduction, 1 for sum).
-    tracin    TracIn-CP: the same sum over the states at the start of every epoch, each with the
-              mean learning rate of its epoch (every example is visited once per epoch).
+    tracin    TracIn-CP: the same sum over the states at the start (or end) of every epoch (or of the
+              last K), each with the mean learning rate of its epoch (every example is visited once
+              per epoch).
     trak      TRAK (Park et al. 2023): tau_ij = phi_j^T (Phi^T Phi + lambda I)^-1 phi_i * Q_i with
               phi = P^T grad(margin), random Gaussian P (proj_dim), Q_i = 1 - p_i(y_i); tau estimates
               d margin_j / d w_i. For the loss output it is multiplied by d loss_j / d margin_j =
               -(1 - p_j(y_j)). An ensemble averages tau over the last `checkpoints` epoch states.
+    source    SOURCE (Bae et al. 2024): training unrolled approximately in `segments` runs of steps,
+              each with its own EK-FAC curvature H_l, gradients and step size; see source().
     ekfac     Influence functions, d f_j / d w_i = -(1/N) grad f_j^T (H + lambda)^-1 grad l_i, with H the
               Gauss-Newton Hessian of the mean training loss approximated by EK-FAC (Grosse et al.
               2023): K-FAC factors A = E[a a^T], G = E_y~p[g g^T] per linear layer (true Fisher: an exact
@@ -26,7 +29,9 @@ torch.func.vmap(grad(...)), and dot products are accumulated in float64.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from typing import Callable
 
 import torch
@@ -40,6 +45,35 @@ from magic_cli.errors import ConfigError
 from magic_cli.models.layers import Taps
 
 CHUNK = 256  # examples per vmap(grad) call
+
+
+class Clock:
+    """The seconds a baseline spends on the training set's side (per-example training gradients,
+    curvature factors, epoch states): the cost that does not grow with the number of test ids."""
+
+    def __init__(self):
+        self.fixed = 0.0
+
+    @contextlib.contextmanager
+    def training_side(self):
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.fixed += time.perf_counter() - begin
+
+    def timed(self, items):
+        """Yield from an iterator, the time spent producing each item counted as training side."""
+        items = iter(items)
+        while True:
+            with self.training_side():
+                item = next(items, _END)
+            if item is _END:
+                return
+            yield item
+
+
+_END = object()
 
 
 def per_example_grads(problem: Problem, state: TrainState, x, y, fn: Callable, chunk: int = CHUNK):
@@ -58,7 +92,7 @@ def _flat(grads: dict):
     return torch.cat([g.flatten(1).double() for g in grads.values()], dim=1)  # (n, P)
 
 
-def _grad_dot(problem: Problem, state: TrainState, test_ids, output: str):
+def _grad_dot(problem: Problem, state: TrainState, test_ids, output: str, clock: Clock):
     """(N, J) float64: <grad l_i, grad f_j> at `state`."""
 
     ds = problem.dataset
@@ -67,7 +101,7 @@ def _grad_dot(problem: Problem, state: TrainState, test_ids, output: str):
                                     chunk=len(test_ids))
     g_test = _flat(g_test)  # (J, P)
     out = torch.zeros(ds.n_train, len(test_ids), dtype=torch.float64, device=problem.device)
-    for start, g in per_example_grads(problem, state, ds.x_train, ds.y_train, OUTPUT_FUNCTIONS["loss"]):
+    for start, g in clock.timed(per_example_grads(problem, state, ds.x_train, ds.y_train, OUTPUT_FUNCTIONS["loss"])):
         g = _flat(g)
         out[start:start + g.shape[0]] = g @ g_test.T
     return out
@@ -81,9 +115,9 @@ def _step_scale(problem: Problem) -> float:
     return 1.0 if tc.loss_reduction == "sum" else 1.0 / tc.batch_size
 
 
-def grad_dot(problem: Problem, final: TrainState, test_ids, output: str, options: dict):
+def grad_dot(problem: Problem, final: TrainState, test_ids, output: str, options: dict, clock: Clock | None = None):
     scale = problem.config.optimizer.lr * _step_scale(problem)
-    return -scale * _grad_dot(problem, final, test_ids, output)
+    return -scale * _grad_dot(problem, final, test_ids, output, clock or Clock())
 
 
 def _epoch_states(problem: Problem) -> tuple[list[int], dict]:
@@ -97,14 +131,26 @@ def _epoch_states(problem: Problem) -> tuple[list[int], dict]:
     return starts, kept
 
 
-def tracin(problem: Problem, final: TrainState, test_ids, output: str, options: dict):
-    starts, kept = _epoch_states(problem)
+def tracin(problem: Problem, final: TrainState, test_ids, output: str, options: dict, clock: Clock | None = None):
+    """TracIn-CP over epochs; options (config.TracinConfig): states (start | end of each epoch),
+    checkpoints (the last K epochs; 0 = all), lr_weighting (each epoch's mean learning rate, else
+    optimizer.lr)."""
+    clock = clock or Clock()
+    with clock.training_side():
+        starts, kept = _epoch_states(problem)
     ends = starts[1:] + [problem.total_steps]
+    epochs = list(zip(starts, ends))
+    last = int(options["checkpoints"])
+    if last > len(epochs):
+        raise ConfigError(f"attribute.tracin.checkpoints={last} exceeds the {len(epochs)} epochs of this run")
+    at_end = options["states"] == "end"
     cfg = problem.config.optimizer
     total = 0.0
-    for start, end in zip(starts, ends):
-        lr = cfg.lr * sum(lr_factor(cfg.schedule, t, problem.total_steps) for t in range(start, end)) / (end - start)
-        total = total - lr * _step_scale(problem) * _grad_dot(problem, kept[start], test_ids, output)
+    for start, end in epochs[-last:] if last else epochs:
+        mean = sum(lr_factor(cfg.schedule, t, problem.total_steps) for t in range(start, end)) / (end - start)
+        lr = cfg.lr * (mean if options["lr_weighting"] else 1.0)
+        state = kept[end] if at_end else kept[start]
+        total = total - lr * _step_scale(problem) * _grad_dot(problem, state, test_ids, output, clock)
     return total
 
 
@@ -128,32 +174,35 @@ def _correct_prob(problem: Problem, state: TrainState, x, y):
         return p.gather(-1, y[..., None]).squeeze(-1).reshape(y.shape[0], -1).mean(1)  # (n,)
 
 
-def trak(problem: Problem, final: TrainState, test_ids, output: str, options: dict):
+def trak(problem: Problem, final: TrainState, test_ids, output: str, options: dict, clock: Clock | None = None):
     ds = problem.dataset
+    clock = clock or Clock()
     ids = torch.as_tensor(test_ids, device=problem.device)
-    n_models = int(options.get("checkpoints", 1))
-    proj_dim, damping = int(options.get("proj_dim", 1024)), float(options.get("damping", 0.1))
+    n_models, proj_dim, damping = int(options["checkpoints"]), int(options["proj_dim"]), float(options["damping"])
     if n_models > problem.config.train.epochs + 1:
         raise ConfigError(f"attribute.trak.checkpoints={n_models} exceeds the {problem.config.train.epochs + 1} "
-                         "epoch states of this run")
+                         f"epoch states of this run: set attribute.trak.checkpoints={problem.config.train.epochs + 1} "
+                         "or fewer")
     if n_models == 1:
         states = [final]
     else:
-        starts, kept = _epoch_states(problem)
+        with clock.training_side():
+            starts, kept = _epoch_states(problem)
         steps = (starts + [problem.total_steps])[-n_models:]
         states = [kept[t] for t in steps]
     margin = OUTPUT_FUNCTIONS["margin"]
     tau = 0.0
     for m, state in enumerate(states):
-        projection = trak_projection(state.params, proj_dim, problem.config.seed, m)
-        phi = torch.cat([_project(g, projection) for _, g in
-                         per_example_grads(problem, state, ds.x_train, ds.y_train, margin)])  # (N, k)
+        with clock.training_side():
+            projection = trak_projection(state.params, proj_dim, problem.config.seed, m)
+            phi = torch.cat([_project(g, projection) for _, g in
+                             per_example_grads(problem, state, ds.x_train, ds.y_train, margin)])  # (N, k)
+            kernel = phi.T @ phi
+            kernel = kernel + damping * kernel.diagonal().mean() * torch.eye(proj_dim, dtype=kernel.dtype,
+                                                                             device=kernel.device)
+            q = 1.0 - _correct_prob(problem, state, ds.x_train, ds.y_train)  # (N,)
         (_, g_test), = per_example_grads(problem, state, ds.x_test[ids], ds.y_test[ids], margin, chunk=len(ids))
         phi_test = _project(g_test, projection)  # (J, k)
-        kernel = phi.T @ phi
-        kernel = kernel + damping * kernel.diagonal().mean() * torch.eye(proj_dim, dtype=kernel.dtype,
-                                                                         device=kernel.device)
-        q = 1.0 - _correct_prob(problem, state, ds.x_train, ds.y_train)  # (N,)
         tau = tau + (phi @ torch.linalg.solve(kernel, phi_test.T)) * q[:, None]  # (N, J)
     tau = tau / len(states)
     if output == "margin":
@@ -168,7 +217,7 @@ def _linear_layers(params: dict) -> list[str]:
     covered = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
     outside = [k for k in params if k not in covered]
     if outside:
-        raise ConfigError(f"ekfac supports models whose parameters all sit in linear layers; "
+        raise ConfigError(f"ekfac and source support models whose parameters all sit in linear layers; "
                          f"{', '.join(outside[:3])} do not")
     return names
 
@@ -230,11 +279,13 @@ def _layer_matrix(grads: dict, name: str):
     return torch.cat([w, b.double()[..., None]], dim=-1) if b is not None else w
 
 
-def ekfac(problem: Problem, final: TrainState, test_ids, output: str, options: dict):
+def ekfac(problem: Problem, final: TrainState, test_ids, output: str, options: dict, clock: Clock | None = None):
     ds = problem.dataset
     ids = torch.as_tensor(test_ids, device=problem.device)
-    factors = ekfac_factors(problem, final)
-    damping, relative = float(options.get("damping", 0.1)), bool(options.get("relative_damping", True))
+    clock = clock or Clock()
+    with clock.training_side():
+        factors = ekfac_factors(problem, final)
+    damping, relative = float(options["damping"]), bool(options["relative_damping"])
     (_, g_test), = per_example_grads(problem, final, ds.x_test[ids], ds.y_test[ids], OUTPUT_FUNCTIONS[output],
                                     chunk=len(ids))
     ihvp = {}
@@ -243,9 +294,106 @@ def ekfac(problem: Problem, final: TrainState, test_ids, output: str, options: d
         lam_d = lam + (damping * lam.mean() if relative else damping)
         ihvp[name] = q_g @ ((q_g.T @ v @ q_a) / lam_d) @ q_a.T
     out = torch.zeros(ds.n_train, len(test_ids), dtype=torch.float64, device=problem.device)
-    for start, g in per_example_grads(problem, final, ds.x_train, ds.y_train, OUTPUT_FUNCTIONS["loss"]):
+    for start, g in clock.timed(per_example_grads(problem, final, ds.x_train, ds.y_train, OUTPUT_FUNCTIONS["loss"])):
         for name in factors:
             m = _layer_matrix(g, name)  # (n, out, in+1)
             out[start:start + m.shape[0]] += torch.einsum("noi,joi->nj", m, ihvp[name])
     return -out / ds.n_train
 
+
+
+# --- SOURCE: approximate unrolling by segments ---------------------------------------------------
+
+def segment_bounds(total_steps: int, segments: int) -> list[tuple[int, int]]:
+    """[start, end) of each of `segments` equal runs of training steps."""
+    edges = [round(total_steps * s / segments) for s in range(segments + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def source_filters(lam, horizon: float, damping: float):
+    """SOURCE's two functions of a segment's curvature eigenvalues lam (+ damping), for a segment
+    of `horizon` = a * K (its effective step size times its steps):
+        carry(lam) = exp(-horizon lam)                 how a change made before the segment survives it
+        made(lam)  = (1 - exp(-horizon lam)) / lam     what the example's gradient adds during it
+    made -> horizon as lam -> 0 (plain gradient descent) and -> 1 / lam as horizon -> inf (influence)."""
+    lam = lam + damping
+    x = horizon * lam
+    carry = torch.exp(-x)
+    small = x.abs() < 1e-8
+    made = torch.where(small, torch.full_like(lam, horizon), -torch.expm1(-x) / torch.where(small, 1.0, lam))
+    return carry, made
+
+
+def _in_eigenbasis(v, q_a, q_g, scale):
+    """Q_G ((Q_G^T V Q_A) * scale) Q_A^T for V (J, out, in[+1])."""
+    return q_g @ ((q_g.T @ v @ q_a) * scale) @ q_a.T
+
+
+def source_from(problem: Problem, segments: list, test_grads: dict, damping: float, relative: bool,
+                clock: Clock | None = None):
+    """SOURCE scores (N, J) from the segments [(state at the segment's end, horizon a * K: a number, or
+    one per layer)], first to last, and the test gradients at the final state: -(1/N) sum over segments l of
+    < made_l(H_l) carry_{l+1..L}(H) grad f, grad l_i(theta_l) >, with H_l the EK-FAC Gauss-Newton
+    Hessian of the mean training loss at the segment's state."""
+    clock = clock or Clock()
+    ds = problem.dataset
+    with clock.training_side():
+        factors = [ekfac_factors(problem, state) for state, _ in segments]
+    layers = list(factors[-1])
+    u = {name: _layer_matrix(test_grads, name) for name in layers}  # grad f, carried back through the segments
+    out = torch.zeros(ds.n_train, next(iter(u.values())).shape[0], dtype=torch.float64, device=problem.device)
+    for (state, horizon), factor in reversed(list(zip(segments, factors))):
+        made_v, carried = {}, {}
+        for name in layers:
+            q_a, q_g, lam = factor[name]
+            h = horizon[name] if isinstance(horizon, dict) else horizon
+            carry, made = source_filters(lam, h, damping * lam.mean() if relative else damping)
+            made_v[name] = _in_eigenbasis(u[name], q_a, q_g, made)
+            carried[name] = _in_eigenbasis(u[name], q_a, q_g, carry)
+        train_grads = per_example_grads(problem, state, ds.x_train, ds.y_train, OUTPUT_FUNCTIONS["loss"])
+        for start, g in clock.timed(train_grads):
+            for name in layers:
+                m = _layer_matrix(g, name)  # (n, out, in+1)
+                out[start:start + m.shape[0]] += torch.einsum("noi,joi->nj", m, made_v[name])
+        u = carried
+    return -out / ds.n_train
+
+
+def _per_layer(problem: Problem, state: TrainState, t: int, horizon: float):
+    """A segment's horizon: for Adam, one per linear layer, scaled by the layer's mean preconditioner."""
+    cfg = problem.config.optimizer
+    if cfg.name != "adam":
+        return horizon
+    c2 = 1.0 - cfg.betas[1] ** max(t, 1)
+    out = {}
+    for name in _linear_layers(state.params):
+        nu = [state.opt["nu"][k] for k in (f"{name}.weight", f"{name}.bias") if k in state.opt["nu"]]
+        scale = torch.cat([(1.0 / (torch.sqrt(v.double() / c2 + cfg.eps_root) + cfg.eps)).flatten() for v in nu])
+        out[name] = horizon * float(scale.mean())
+    return out
+
+
+def source(problem: Problem, final: TrainState, test_ids, output: str, options: dict, clock: Clock | None = None):
+    """SOURCE (Bae et al. 2024): training split into `segments` equal runs of steps, each with the
+    EK-FAC curvature, training gradients and effective step size at its end: the schedule's mean
+    learning rate (per example a share c * B of a batch, c = 1/B for mean reduction), times, for
+    Adam, each layer's mean preconditioner 1 / (sqrt(v_hat + eps_root) + eps) at the segment's end
+    (SOURCE's SGD unrolling with Adam's step size per layer)."""
+    clock = clock or Clock()
+    ds = problem.dataset
+    ids = torch.as_tensor(test_ids, device=problem.device)
+    n_segments = int(options["segments"])
+    if n_segments > problem.total_steps:
+        raise ConfigError(f"attribute.source.segments={n_segments} exceeds the {problem.total_steps} training steps")
+    bounds = segment_bounds(problem.total_steps, n_segments)
+    with clock.training_side():
+        _, kept, _ = problem.run(keep={end for _, end in bounds})
+    cfg, batch = problem.config.optimizer, problem.config.train.batch_size
+    segments = []
+    for start, end in bounds:
+        lr = cfg.lr * sum(lr_factor(cfg.schedule, t, problem.total_steps) for t in range(start, end)) / (end - start)
+        horizon = lr * _step_scale(problem) * batch * (end - start)
+        segments.append((kept[end], _per_layer(problem, kept[end], end, horizon)))
+    (_, g_test), = per_example_grads(problem, final, ds.x_test[ids], ds.y_test[ids], OUTPUT_FUNCTIONS[output],
+                                    chunk=len(ids))
+    return source_from(problem, segments, g_test, float(options["damping"]), bool(options["relative_damping"]), clock)

@@ -1,5 +1,5 @@
 """Attribution methods behind one interface, in one registry: MAGIC (exact, the reverse pass
-through training) and the approximate baselines (grad-dot, TracIn, TRAK, EK-FAC).
+through training) and the approximate baselines (grad-dot, TracIn, TRAK, EK-FAC, SOURCE).
 
 Every method gives scores[i, j] = d f_j / d w_i on the same scale and sign (baselines are put on
 MAGIC's scale, baselines.py), for groups of test ids; the attribute stage (stages/attribute.py)
@@ -44,6 +44,7 @@ class PassResult:
     growth: list  # per group: [max_t |lambda_t| / |lambda_T| or None] per test id
     peak_states: int = 0  # training states held at once (MAGIC)
     forward_steps: int = 0  # training steps recomputed (MAGIC)
+    fixed_seconds: float = 0.0  # of the pass, the training set's side: what does not grow with the test ids
 
 
 class Attributor(Protocol):
@@ -105,7 +106,7 @@ class Baseline:
     """An approximate method (core/baselines.py): all test ids in one group, one pass."""
 
     name: str
-    fn: Callable  # (problem, final, test_ids, output, options) -> (N, J) tensor
+    fn: Callable  # (problem, final, test_ids, output, options, clock) -> (N, J) tensor
     options_of: Callable = lambda config: {}  # noqa: E731  (its hyperparameters from the config)
     walks_training: bool = False
 
@@ -122,9 +123,10 @@ class Baseline:
         options = self.settings(config)
 
         def run(passes, output, progress=None) -> PassResult:
-            scores = [self.fn(problem, final, group, output, options).T.to(problem.dtype).cpu().numpy()
+            clock = baselines.Clock()
+            scores = [self.fn(problem, final, group, output, options, clock).T.to(problem.dtype).cpu().numpy()
                       for group in passes]
-            return PassResult(scores, [[None] * len(group) for group in passes])
+            return PassResult(scores, [[None] * len(group) for group in passes], fixed_seconds=clock.fixed)
 
         return run
 
@@ -132,9 +134,10 @@ class Baseline:
 ATTRIBUTORS: dict[str, Attributor] = {
     "magic": Magic(),
     "grad-dot": Baseline("grad-dot", baselines.grad_dot),
-    "tracin": Baseline("tracin", baselines.tracin),
+    "tracin": Baseline("tracin", baselines.tracin, lambda config: dataclasses.asdict(config.attribute.tracin)),
     "trak": Baseline("trak", baselines.trak, lambda config: dataclasses.asdict(config.attribute.trak)),
     "ekfac": Baseline("ekfac", baselines.ekfac, lambda config: dataclasses.asdict(config.attribute.ekfac)),
+    "source": Baseline("source", baselines.source, lambda config: dataclasses.asdict(config.attribute.source)),
 }
 assert tuple(ATTRIBUTORS) == METHODS, "the registry and magic_cli.names.METHODS list the same methods"
 

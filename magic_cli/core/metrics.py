@@ -61,3 +61,28 @@ def most_helpful_first(scores, output: str):
     (dropping it raises the loss the most); for the margin the most positive."""
     helpful = -1.0 if output == "loss" else 1.0
     return np.argsort(-helpful * np.asarray(scores), kind="stable")
+
+
+COST_IDS = (1, 16, 64, 256)  # test ids at which lds_vs_cost.png compares the methods
+
+
+def cost_of(cost: dict, n_ids: int) -> float:
+    """Seconds to attribute n_ids test ids, extrapolated from a method's split {fixed, per_id, batch}.
+    A baseline (batch None) takes any number of ids in one pass: its fixed part once. MAGIC runs
+    ceil(n / batch) reverse passes of `batch` ids each (a pass of fewer ids costs no more), so
+    this is an upper bound below a multiple of its batch."""
+    batch = cost.get("batch")
+    if not batch:
+        return cost["fixed"] + n_ids * cost["per_id"]
+    passes = -(-n_ids // batch)
+    return passes * (cost["fixed"] + batch * cost["per_id"])
+
+
+def crossover(magic: dict, other: dict, limit: int = 1_000_000) -> int | None:
+    """The fewest test ids at which MAGIC costs more than `other` (None: not up to `limit`)."""
+    n = 1
+    while n <= limit:
+        if cost_of(magic, n) > cost_of(other, n):
+            return n
+        n += 1 if n < 4096 else n // 64
+    return None

@@ -59,6 +59,7 @@ from magic_cli.run_dir import (
 )
 from magic_cli.stages.assemble import assemble
 from magic_cli.stages.checkpoints import checkpoint_param, load_final_and_stored
+from magic_cli.stages.tune import tuned_values, with_tuned
 
 SIGN = "d output / d weight"
 
@@ -71,8 +72,11 @@ def attribute_stage(config: Config, run: RunDir, test_ids_spec: str, overwrite: 
     with run.lock(exclusive=False):
         run.clean(exclusive=False)
         record = run.require_trained(config)
-        problem = assemble(config)
-        return _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_factory)
+        tuned = with_tuned(config, run, record)  # the values `magic tune` chose, unless given on the command line
+        problem = assemble(tuned)
+        result = _attribute(tuned, run, record, problem, test_ids_spec, overwrite, progress_factory)
+        return dataclasses.replace(result, tuned=tuned_values(run, config.attribute.method, record)
+                                   if tuned is not config else {})
 
 
 def settings_of(config) -> dict:
@@ -108,6 +112,7 @@ class AttributeResult:
     merged_ids: int
     adjoint_growth: float | None  # the largest growth of the adjoint over the requested ids (MAGIC)
     grown_ids: tuple[int, ...]  # requested ids whose adjoint grew beyond GROWTH_WARN
+    tuned: dict = dataclasses.field(default_factory=dict)  # the values of `magic tune` this command used
 
 
 def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_factory) -> AttributeResult:
@@ -153,11 +158,14 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
                 for j, test_id in enumerate(group):
                     save_artifact(run.test_scores(method, test_id), npy_bytes(scores[j]),
                                   {**key, "test_id": test_id, "group": group, "seconds": pass_seconds / n_ids,
+                                   "pass": {"ids": n_ids, "seconds": pass_seconds, "fixed": result.fixed_seconds},
                                    "adjoint_growth": grown[j]})
     invocation = {
         "method": method, "output": output, "test_ids": ids, "ids_computed": computed,
         "seconds": seconds, "peak_states": peak_states, "forward_steps": forward_steps,
-        "steps": problem.total_steps, "batch_size": size, **({"memory": plan.memory.as_dict()} if plan.memory else {}),
+        "steps": problem.total_steps, "batch_size": size,
+        "cost_batch": size if attributor.walks_training else None,
+        **({"memory": plan.memory.as_dict()} if plan.memory else {}),
         "checkpoint": {"name": config.checkpoint.name, "param": param, "state_bytes": state_size(template),
                        **({"memory": config.checkpoint.memory} if config.checkpoint.name == "binomial" else {})},
     }
@@ -190,7 +198,8 @@ def _prepare_folder(run, method, settings, fingerprint, overwrite) -> None:
     if old is not None and old.get("fingerprint") == fingerprint and old.get("settings") != settings:
         if not overwrite:
             raise StageError(f"{run.attribute_dir(method)} holds scores computed with other settings "
-                             f"({old.get('settings')}); pass --overwrite to recompute")
+                             f"({old.get('settings')}; `magic tune` changes a method's values); pass --overwrite to "
+                             "recompute")
     if old is None or old != {"fingerprint": fingerprint, "settings": settings}:
         if old is not None:
             for file in run.attribute_dir(method).glob("test_*.npy"):
@@ -225,10 +234,30 @@ def merge_scores(run, method: str, key: dict, settings: dict, invocation: dict) 
         merged = np.stack(arrays, axis=1) if arrays else np.zeros((0, 0))
         growth = [records[i].get("adjoint_growth") for i in valid]  # None for the baselines
         meta = {**key, **settings, "test_ids": valid, "sign": SIGN, "seconds": seconds, "adjoint_growth": growth,
-                "shape": list(merged.shape), "dtype": str(merged.dtype)}
+                "cost": cost_split([records[i] for i in valid], invocation.get("cost_batch")),
+                "shape": list(merged.shape),
+                "dtype": str(merged.dtype)}
         side = save_artifact(run.scores_npy(method), npy_bytes(merged), meta)
         save_json(run.attribute_last_run(method), invocation)
         return side
+
+
+def cost_split(records: list, batch: int | None) -> dict | None:
+    """{fixed, per_id, batch}: a method's seconds split into the part of a pass that does not grow
+    with its test ids (the training set's side: a baseline's training gradients and factors) and
+    the rest per test id, from the per-id records (None for records written without it); batch:
+    the ids a pass takes (MAGIC's attribute.batch_size; None: any number, the baselines)."""
+    passes = {}
+    for r in records:
+        if "pass" not in r:
+            return None
+        passes[(r["pass"]["seconds"], r["pass"]["ids"], r["pass"]["fixed"])] = r["pass"]  # shared by its ids
+    if not passes:
+        return None
+    ids = sum(p["ids"] for p in passes.values())
+    fixed = sum(p["fixed"] for p in passes.values())
+    return {"fixed": fixed / len(passes), "per_id": (sum(p["seconds"] for p in passes.values()) - fixed) / ids,
+            "batch": batch}
 
 
 def load_scores(run, method: str, fingerprint: str):

@@ -15,6 +15,7 @@ import base64
 import html
 import json
 
+from magic_cli.core.metrics import COST_IDS, cost_of
 from magic_cli.run_dir import RunDir, save_text
 
 STYLE = """
@@ -71,9 +72,21 @@ def _score_section(run: RunDir) -> list[str]:
     lds = run.report_file("lds_vs_drop.png")
     if lds.is_file():
         out.append(f'<div class="figures">{_img(lds, "LDS against drop fraction")}</div>')
-    costs = [[m, "-" if s is None else f"{s:.1f}"] for m, s in summary["seconds"].items()]
-    out += ["<h3>Cost</h3>", '<p class="note">Seconds each method took to attribute its test ids.</p>',
-            _table(["method", "seconds"], costs, numeric={1})]
+    split = summary.get("cost") or {}
+    costs = [[m, "-" if s is None else f"{s:.1f}",
+              *((f"{split[m]['fixed']:.2f}", f"{split[m]['per_id']:.3f}",
+                 *(f"{cost_of(split[m], n):.1f}" for n in COST_IDS)) if split.get(m) else ("-",) * (2 + len(COST_IDS)))]
+             for m, s in summary["seconds"].items()]
+    out += ["<h3>Cost</h3>",
+            '<p class="note">Seconds each method took to attribute its test ids, split into a fixed part (the '
+            "training set's side: gradients, factors) and a part per test id; the seconds for 1 to 256 ids are "
+            "extrapolated from that split. MAGIC's per-id cost is that of a reverse pass shared by a batch of ids: "
+            "one id alone costs more.</p>",
+            _table(["method", "seconds", "fixed s", "s per id", *(f"{n} ids (extrap.)" for n in COST_IDS)], costs,
+                   numeric=set(range(1, 4 + len(COST_IDS))))]
+    frontier = run.report_file("lds_vs_cost.png")
+    if frontier.is_file():
+        out.append(f'<div class="figures">{_img(frontier, "LDS against cost")}</div>')
     scatters = sorted(run.report_dir.glob("scatter_*.png"))
     if scatters:
         out += ["<h3>Predicted against actual change</h3>",

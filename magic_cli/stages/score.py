@@ -19,7 +19,7 @@ import pandas as pd
 
 from magic_cli.config import Config
 from magic_cli.core.groups import group_scores
-from magic_cli.core.metrics import mean_with_ci, per_test_correlations, predicted_change
+from magic_cli.core.metrics import COST_IDS, cost_of, crossover, mean_with_ci, per_test_correlations, predicted_change
 from magic_cli.plots import figure_bytes, pyplot
 from magic_cli.run_dir import RunDir, StageError, load_npy, save_bytes, save_json, save_text, verify
 from magic_cli.stages.assemble import load_data_weights
@@ -27,6 +27,7 @@ from magic_cli.stages.attribute import load_scores
 from magic_cli.stages.checkpoints import REPAIR
 from magic_cli.stages.ground_truth import config_groups, load_ground_truth, truth_dir
 from magic_cli.stages.page import write_index
+from magic_cli.stages.tune import tuned_values, validation_split
 
 SCATTER_IDS = 4  # test ids per scatter plot
 LOW_LDS = 0.5  # `score` names the test ids whose LDS is below this, with their slope
@@ -104,14 +105,21 @@ def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> Scor
     # scores weighted by their training weights (ones unless train.data_weights).
     w0 = load_data_weights(config.train.data_weights, n_train) if config.train.data_weights else None
 
-    rows, summary, scatter_data, seconds = [], {}, {}, {}
+    held_out = set(validation_split(run, record))  # magic tune's validation ids: never reported
+    rows, summary, scatter_data, seconds, costs = [], {}, {}, {}, {}
     for method in methods:
         scores, side = load_scores(run, method, fingerprint)
         if side.get("output") != output:
             raise StageError(f"attribute/{method} scores the {side.get('output')} output but attribute.output="
                              f"{output}; rerun `magic attribute` with attribute.output={output}")
-        ids = list(side["test_ids"])
+        reported = [c for c, i in enumerate(side["test_ids"]) if i not in held_out]
+        if not reported:
+            raise StageError(f"every test id of attribute/{method} is a validation id of `magic tune` "
+                             f"({run.tune_split}): attribute others to report")
+        scores = scores[:, reported]
+        ids = [side["test_ids"][c] for c in reported]
         seconds[method] = side.get("seconds")
+        costs[method] = side.get("cost")
         if groups is not None:  # d f_j / d e_g of every group, for the reader
             frame = pd.DataFrame(group_scores(scores, groups, w0), columns=ids)
             frame.insert(0, "size", groups.sizes())
@@ -138,15 +146,19 @@ def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> Scor
 
     table = pd.DataFrame(rows)
     drops = list(truth)
-    result = {"lds": summary, "seconds": seconds, "output": output, "drop_fractions": drops,
+    result = {"lds": summary, "seconds": seconds, "cost": costs, "output": output, "drop_fractions": drops,
               "missing_drop_fractions": [p for p in config.ground_truth.drop_fractions if p not in truth],
               "methods": methods, "fingerprint": fingerprint,
+              "validation_ids_left_out": sorted(held_out),
+              "tuned": {m: v for m in methods if (v := tuned_values(run, m, record))},
               "unit": "examples" if groups is None else f"groups ({groups.source}, {groups.n_groups})",
               "test_accuracy": record["metrics"]["test_accuracy"]}
     save_text(run.report_file("lds.csv"), table.to_csv(index=False))
     save_json(run.report_file("summary.json"), result)
     save_text(run.report_file("report.md"), _markdown(result, config))
     save_bytes(run.report_file("lds_vs_drop.png"), _plot_lds(result))
+    if any(costs.values()):
+        save_bytes(run.report_file("lds_vs_cost.png"), _plot_cost(result))
     for (method, p), (pred, act, sids) in scatter_data.items():
         save_bytes(run.report_file(f"scatter_{method}_{p:g}.png"), _plot_scatter(method, p, pred, act, sids))
     write_index(run, config.name)
@@ -186,11 +198,19 @@ def _markdown(result: dict, config) -> str:
             lines.append(f"| {method} | {p} | {s['mean']:.3f} | [{s['ci_low']:.3f}, {s['ci_high']:.3f}] | "
                          f"{s['n_test']} | {s['n_subsets']} | {s['pearson']:.3f} | {s['slope']:.3f} | "
                          f"{'-' if secs is None else f'{secs:.1f}'} |")
+    if result.get("validation_ids_left_out"):
+        lines += ["", f"The {len(result['validation_ids_left_out'])} validation ids of `magic tune` are left out of "
+                      "every method's LDS (tune/split.json)."]
+    for method, values in (result.get("tuned") or {}).items():
+        lines.append(f"- {method}: tuned on them, " + ", ".join(f"{k}={v}" for k, v in values.items()))
     weak = low_lds_lines(result, limit=20)
     if weak:
         lines += ["", f"Test ids whose LDS is below {LOW_LDS} (LDS, slope), worst first: where training is not "
                       "smooth for them, or their output barely moves.", ""] + [f"- {line}" for line in weak]
+    lines += cost_lines(result)
     lines += ["", "![LDS vs drop fraction](lds_vs_drop.png)", ""]
+    if any((result.get("cost") or {}).values()):
+        lines += ["![LDS vs cost](lds_vs_cost.png)", ""]
     return "\n".join(lines)
 
 
@@ -211,6 +231,44 @@ def _plot_lds(result: dict) -> bytes:
     ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.0)
     ax.grid(alpha=0.3)
     ax.legend()
+    return figure_bytes(fig)
+
+
+def cost_lines(result: dict) -> list[str]:
+    """The Markdown table of each method's cost split and the extrapolated seconds."""
+    costs = {m: c for m, c in (result.get("cost") or {}).items() if c}
+    if not costs:
+        return []
+    lines = ["", "Cost: each method's seconds split into a fixed part (the training set's side: gradients, "
+                 "factors) and a part per test id, measured by `magic attribute`; the seconds for 1, 16, 64, 256 "
+                 "ids are extrapolated from that split. MAGIC has no fixed part and runs ceil(n / batch) reverse "
+                 "passes of attribute.batch_size ids, each costing what a full pass cost (an upper bound between "
+                 "multiples of the batch).", "",
+             "| method | fixed s | s per id | " + " | ".join(f"{n} ids (extrap.)" for n in COST_IDS)
+             + " | MAGIC costs more from |", "|---|---|---|" + "---|" * len(COST_IDS) + "---|"]
+    for m, c in costs.items():
+        cross = crossover(costs["magic"], c) if "magic" in costs and m != "magic" else None
+        lines.append(f"| {m} | {c['fixed']:.2f} | {c['per_id']:.3f} | "
+                     + " | ".join(f"{cost_of(c, n):.1f}" for n in COST_IDS)
+                     + f" | {'-' if cross is None else f'{cross} ids'} |")
+    return lines
+
+
+def _plot_cost(result: dict) -> bytes:
+    plt = pyplot()
+    p = min(result["drop_fractions"])
+    costs = {m: c for m, c in result["cost"].items() if c and f"{p:g}" in result["lds"].get(m, {})}
+    fig, axes = plt.subplots(1, len(COST_IDS), figsize=(3.3 * len(COST_IDS), 3.4), sharey=True, layout="constrained")
+    for ax, n in zip(axes, COST_IDS):
+        for m, c in costs.items():
+            ax.scatter([cost_of(c, n)], [result["lds"][m][f"{p:g}"]["mean"]], s=30, label=m)
+        ax.set_xscale("log")
+        ax.set_title(f"{n} test id{'s' * (n > 1)}")
+        ax.set_xlabel("seconds (extrapolated)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"mean LDS at drop {p:g}")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle("accuracy against cost: seconds extrapolated from each method's fixed and per-id cost")
     return figure_bytes(fig)
 
 
