@@ -193,7 +193,7 @@ def test_source_segments_and_their_step_sizes():
     final = problem.run()[0]
     cfg, t = problem.config.optimizer, problem.total_steps
     per_layer = baselines._per_layer(problem, final, t, 2.0)
-    assert sorted(per_layer) == sorted(baselines._linear_layers(final.params))
+    assert sorted(per_layer) == sorted(baselines._kfac_layers(final.params))
     for name, h in per_layer.items():
         nu = torch.cat([final.opt["nu"][f"{name}.{p}"].flatten() for p in ("weight", "bias")]).double()
         want = 2.0 * float((1 / (torch.sqrt(nu / (1 - cfg.betas[1] ** t) + cfg.eps_root) + cfg.eps)).mean())
@@ -205,9 +205,60 @@ def test_source_segments_and_their_step_sizes():
     assert torch.allclose(made, torch.tensor([2.0, 1 - np.exp(-2.0)], dtype=made.dtype))
 
 
-def test_ekfac_refuses_parameters_outside_linear_layers():
-    with pytest.raises(ValueError, match="linear layers"):
-        baselines._linear_layers({"conv.weight": torch.zeros(2, 2, 3, 3)})
+def test_kfac_covers_linear_and_convolutional_layers_and_leaves_the_rest_out():
+    params = {"conv.weight": torch.zeros(2, 2, 3, 3), "bn.weight": torch.zeros(2), "bn.bias": torch.zeros(2),
+              "head.weight": torch.zeros(3, 2), "head.bias": torch.zeros(3)}
+    assert baselines._kfac_layers(params) == ["conv", "head"]
+    with pytest.raises(ValueError, match="no"):
+        baselines._kfac_layers({"scale": torch.zeros(3)})
+
+
+CNN = ["experiment=digits_cnn", "model.channels=[4,6]", "train.epochs=1", "dtype=float64"]
+
+
+def test_conv_taps_give_each_examples_weight_gradient():
+    """Sum over positions of (output gradient) x (unfolded patch) is the per-example gradient of the
+    convolution's weight, for every label: what K-FAC's factors and the refit are built from."""
+    problem = problem_for(CNN)
+    state = problem.run()[0]
+    ds, y = problem.dataset, 3
+    x = ds.x_train[:5]
+    a_bar, g, _ = next(baselines._layer_factors(problem, state, ["block1.conv", "head"], chunk=5))
+    m = torch.einsum("nto,nti->noi", g["block1.conv"][y], a_bar["block1.conv"])  # (n, out, C k k)
+    for i in range(5):
+        params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
+        logits, _ = problem.model.apply(params, state.buffers, x[i:i + 1], train=False)
+        loss = -torch.log_softmax(logits, -1)[0, y]
+        want = torch.autograd.grad(loss, params["block1.conv.weight"])[0].flatten(1)
+        torch.testing.assert_close(m[i], want.double(), rtol=1e-10, atol=1e-12)
+
+
+def test_ekfac_refit_is_the_fishers_diagonal_in_the_kronecker_eigenbasis():
+    """Lambda[o, i] = E_x E_{y ~ p} (Q_G^T dW Q_A)[o, i]^2, computed from explicit per-example,
+    per-label autograd gradients of a convolution's weight."""
+    problem = problem_for(CNN + ["dataset.test_fraction=0.97", "train.batch_size=16"])  # a few dozen images
+    state = problem.run()[0]
+    q_a, q_g, lam = baselines.ekfac_factors(problem, state)["block0.conv"]
+    ds = problem.dataset
+    want = torch.zeros_like(lam)
+    for i in range(ds.n_train):
+        params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
+        logits, _ = problem.model.apply(params, state.buffers, ds.x_train[i:i + 1], train=False)
+        log_p = torch.log_softmax(logits, -1)[0]
+        for y in range(logits.shape[-1]):
+            dw = torch.autograd.grad(-log_p[y], params["block0.conv.weight"], retain_graph=True)[0].flatten(1)
+            want += log_p[y].exp().detach() * (q_g.T @ dw.double() @ q_a) ** 2 / ds.n_train
+    torch.testing.assert_close(lam, want, rtol=1e-9, atol=1e-14)
+
+
+def test_ekfac_and_source_run_on_the_cnn(cli, tmp_path):
+    args = [*CNN, f"out_dir={tmp_path}"]
+    assert cli("train", *args)[0] == 0
+    for method in ("ekfac", "source"):
+        code, _, err = cli("attribute", "--test-ids", "0:3", "--method", method, *args)
+        assert code == 0, err
+        scores = np.load(tmp_path / "attribute" / method / "scores.npy")
+        assert scores.shape[1] == 3 and np.isfinite(scores).all() and np.abs(scores).max() > 0
 
 
 def test_score_compares_all_methods_side_by_side(cli, tmp_path):

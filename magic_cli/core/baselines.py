@@ -212,18 +212,19 @@ def trak(problem: Problem, final: TrainState, test_ids, output: str, options: di
 
 # --- EK-FAC influence --------------------------------------------------------------------------
 
-def _linear_layers(params: dict) -> list[str]:
-    names = sorted({k.rsplit(".", 1)[0] for k in params if k.endswith(".weight") and params[k].dim() == 2})
-    covered = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
-    outside = [k for k in params if k not in covered]
-    if outside:
-        raise ConfigError(f"ekfac and source support models whose parameters all sit in linear layers; "
-                         f"{', '.join(outside[:3])} do not")
+def _kfac_layers(params: dict) -> list[str]:
+    """The layers K-FAC covers: linear (2-D weight) and convolutional (4-D weight) ones. Other
+    parameters (BatchNorm's scales and shifts, embeddings) are left out of the curvature and of the
+    gradients' inner products, as kronfluence leaves out the modules it does not track."""
+    names = sorted({k.rsplit(".", 1)[0] for k in params if k.endswith(".weight") and params[k].dim() in (2, 4)})
+    if not names:
+        raise ConfigError("ekfac and source need linear or convolutional layers; this model has none")
     return names
 
 
 def _layer_factors(problem: Problem, state: TrainState, layers: list[str], chunk: int = CHUNK):
-    """Yield per chunk: ({layer: a_bar (n, in+1)}, {layer: g (C, n, out)}, p (n, C)) in eval mode.
+    """Yield per chunk: ({layer: a_bar (n, T, in+1)}, {layer: g (C, n, T, out)}, p (n, C)) in eval mode,
+    T the layer's positions per example (1 for a linear layer, the output pixels of a convolution).
 
     g[y] is the gradient of loss(logits, y) with respect to the layer's output, for every label y:
     expectations over y ~ p give the true Fisher exactly.
@@ -232,49 +233,59 @@ def _layer_factors(problem: Problem, state: TrainState, layers: list[str], chunk
     for start in range(0, ds.n_train, chunk):
         x = ds.x_train[start:start + chunk]
         with torch.enable_grad():
-            offsets = {name: torch.zeros(x.shape[0], state.params[f"{name}.weight"].shape[0], dtype=problem.dtype,
-                                         device=problem.device, requires_grad=True) for name in layers}
-            taps = Taps(offsets)
+            taps = Taps()
             logits, _ = problem.model.apply(state.params, state.buffers, x, train=False, taps=taps)
             if logits.dim() != 2:
-                raise ConfigError("ekfac supports classifiers with one label per example")
+                raise ConfigError("ekfac and source support classifiers with one label per example")
+            missing = [name for name in layers if name not in taps.offsets]
+            if missing:
+                raise ConfigError(f"ekfac and source: the model does not tap {', '.join(missing[:3])} (K-FAC taps)")
             log_p = torch.log_softmax(logits, dim=-1)
-            grads = [torch.autograd.grad(-log_p[:, y].sum(), [offsets[n] for n in layers], retain_graph=True)
+            grads = [torch.autograd.grad(-log_p[:, y].sum(), [taps.offsets[n] for n in layers], retain_graph=True)
                      for y in range(logits.shape[1])]
         a_bar = {}
         for name in layers:
-            a = taps.inputs[name].detach().double()
-            a_bar[name] = torch.cat([a, torch.ones_like(a[:, :1])], 1) if f"{name}.bias" in state.params else a
-        g = {name: torch.stack([gr[i] for gr in grads]).double() for i, name in enumerate(layers)}  # (C, n, out)
+            a = taps.inputs[name].detach().double()  # (n, T, in)
+            a_bar[name] = torch.cat([a, torch.ones_like(a[..., :1])], -1) if f"{name}.bias" in state.params else a
+        g = {name: torch.stack([gr[i] for gr in grads]).double() for i, name in enumerate(layers)}  # (C, n, T, out)
         yield a_bar, g, log_p.detach().double().exp()
 
 
 def ekfac_factors(problem: Problem, state: TrainState) -> dict:
-    """{layer: (Q_A, Q_G, Lambda)} with Lambda (out, in+1) the refit eigenvalues."""
+    """{layer: (Q_A, Q_G, Lambda)} with Lambda (out, in+1) the refit eigenvalues: the mean over
+    examples and labels y ~ p of the squared per-example gradient in the Kronecker eigenbasis."""
 
-    layers = _linear_layers(state.params)
+    layers = _kfac_layers(state.params)
     n = problem.dataset.n_train
     A, G = {}, {}
     for a_bar, g, p in _layer_factors(problem, state, layers):
         for name in layers:
-            A[name] = A.get(name, 0.0) + a_bar[name].T @ a_bar[name] / n
-            gw = g[name] * p.T[:, :, None].sqrt()  # (C, n, out), weighted by sqrt p(y)
-            G[name] = G.get(name, 0.0) + torch.einsum("cno,cnp->op", gw, gw) / n
+            a = a_bar[name]
+            A[name] = A.get(name, 0.0) + torch.einsum("nti,ntj->ij", a, a) / n
+            gw = g[name] * p.T[:, :, None, None].sqrt()  # (C, n, T, out), weighted by sqrt p(y)
+            G[name] = G.get(name, 0.0) + torch.einsum("cnto,cntp->op", gw, gw) / n
     bases = {name: (torch.linalg.eigh(A[name])[1], torch.linalg.eigh(G[name])[1]) for name in layers}
     lam = {}
     for a_bar, g, p in _layer_factors(problem, state, layers):
         for name in layers:
             q_a, q_g = bases[name]
-            d = (a_bar[name] @ q_a) ** 2  # (n, in+1)
-            c = (g[name] @ q_g) ** 2 * p.T[:, :, None]  # (C, n, out)
-            lam[name] = lam.get(name, 0.0) + torch.einsum("cno,ni->oi", c, d) / n
+            a_rot, g_rot = a_bar[name] @ q_a, g[name] @ q_g  # (n, T, in), (C, n, T, out)
+            if a_rot.shape[1] == 1:  # one position: the per-example gradient g a^T has rank one
+                c = g_rot[:, :, 0] ** 2 * p.T[:, :, None]  # (C, n, out)
+                lam[name] = lam.get(name, 0.0) + torch.einsum("cno,ni->oi", c, a_rot[:, 0] ** 2) / n
+                continue
+            for y in range(g_rot.shape[0]):  # a sum over positions: square the whole gradient
+                m = torch.einsum("nto,nti->noi", g_rot[y], a_rot)
+                lam[name] = lam.get(name, 0.0) + torch.einsum("n,noi->oi", p[:, y], m * m) / n
     return {name: (bases[name][0], bases[name][1], lam[name]) for name in layers}
 
 
 def _layer_matrix(grads: dict, name: str):
-    """Per-example gradients of a linear layer as (n, out, in[+1]) with the bias as the last column."""
+    """Per-example gradients of a layer as (n, out, in[+1]): a convolution's weight flattened to
+    (out, C k k) as its patches are, a bias as the last column."""
 
     w = grads[f"{name}.weight"].double()
+    w = w.flatten(2) if w.dim() == 5 else w
     b = grads.get(f"{name}.bias")
     return torch.cat([w, b.double()[..., None]], dim=-1) if b is not None else w
 
@@ -366,7 +377,7 @@ def _per_layer(problem: Problem, state: TrainState, t: int, horizon: float):
         return horizon
     c2 = 1.0 - cfg.betas[1] ** max(t, 1)
     out = {}
-    for name in _linear_layers(state.params):
+    for name in _kfac_layers(state.params):
         nu = [state.opt["nu"][k] for k in (f"{name}.weight", f"{name}.bias") if k in state.opt["nu"]]
         scale = torch.cat([(1.0 / (torch.sqrt(v.double() / c2 + cfg.eps_root) + cfg.eps)).flatten() for v in nu])
         out[name] = horizon * float(scale.mean())

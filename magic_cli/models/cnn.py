@@ -7,13 +7,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from magic_cli.errors import ConfigError
-from magic_cli.models.layers import activation, batch_norm, batch_norm_init, conv_init, linear, linear_init, pool_all
+from magic_cli.models.layers import (
+    activation,
+    batch_norm,
+    batch_norm_init,
+    conv2d,
+    conv_init,
+    linear,
+    linear_init,
+    pool_all,
+)
 
 
-def _conv_bn_act(x, params, buffers, new_buffers, name, train, act, pool: bool = False):
+def _conv_bn_act(x, params, buffers, new_buffers, name, train, act, pool: bool = False, taps=None):
     import torch.nn.functional as F
 
-    x = F.conv2d(x, params[f"{name}.conv.weight"], padding=1)
+    x = conv2d(x, params, f"{name}.conv", taps)
     if pool:
         x = F.avg_pool2d(x, 2)
     x = batch_norm(x, params, buffers, new_buffers, f"{name}.bn", train)
@@ -48,7 +57,7 @@ class SmallCNN:
     def apply(self, params, buffers, x, train: bool, taps=None):
         act, new_buffers = activation(self.act), {}
         for i in range(len(self.channels)):  # x: (B, C, H, W), halved by each pooled block
-            x = _conv_bn_act(x, params, buffers, new_buffers, f"block{i}", train, act, pool=i > 0)
+            x = _conv_bn_act(x, params, buffers, new_buffers, f"block{i}", train, act, pool=i > 0, taps=taps)
         return linear(pool_all(x, self.pool), params, "head", taps), new_buffers  # (B, n_classes)
 
 
@@ -82,7 +91,7 @@ class ResNet9:
 
     def apply(self, params, buffers, x, train: bool, taps=None):
         act, nb = activation(self.act), {}
-        block = lambda h, name, pool=False: _conv_bn_act(h, params, buffers, nb, name, train, act, pool)  # noqa: E731
+        block = lambda h, name, pool=False: _conv_bn_act(h, params, buffers, nb, name, train, act, pool, taps)  # noqa: E731
         x = block(x, "prep")
         x = block(x, "layer1", pool=True)
         x = x + block(block(x, "res1a"), "res1b")

@@ -44,15 +44,39 @@ def linear(h, params: dict, name: str, taps=None):
 
 
 class Taps:
-    """Records each linear layer's input and offsets its output by a given zero tensor."""
+    """For K-FAC (baselines.py): records each tapped layer's input, as (n, positions, features),
+    and adds to its output a zero offset (n, positions, out), made here, whose gradient is the
+    gradient with respect to the layer's output. A linear layer has one position per example (or
+    per token); a convolution one per output pixel, its input features the unfolded patch."""
 
-    def __init__(self, offsets: dict | None = None):
+    def __init__(self):
         self.inputs: dict = {}
-        self.offsets = offsets or {}
+        self.offsets: dict = {}
 
     def tap(self, name: str, h, out):
-        self.inputs[name] = h
-        return out + self.offsets[name] if name in self.offsets else out
+        import torch
+
+        self.inputs[name] = h if h.dim() > 2 else h[:, None]
+        self.offsets[name] = torch.zeros_like(out if out.dim() > 2 else out[:, None], requires_grad=True)
+        return out + (self.offsets[name] if out.dim() > 2 else self.offsets[name][:, 0])
+
+    def tap_conv(self, name: str, x, out, kernel: int, padding: int):
+        import torch
+        import torch.nn.functional as F
+
+        self.inputs[name] = F.unfold(x, kernel, padding=padding).transpose(1, 2)  # (n, H'W', C k k)
+        n, c, height, width = out.shape
+        self.offsets[name] = torch.zeros(n, height * width, c, dtype=out.dtype, device=out.device, requires_grad=True)
+        return out + self.offsets[name].transpose(1, 2).reshape(n, c, height, width)
+
+
+def conv2d(x, params: dict, name: str, taps=None, padding: int = 1):
+    """F.conv2d with `name.weight` (no bias); with `taps`, its patches and output gradient are recorded."""
+    import torch.nn.functional as F
+
+    weight = params[f"{name}.weight"]
+    out = F.conv2d(x, weight, padding=padding)
+    return taps.tap_conv(name, x, out, weight.shape[-1], padding) if taps is not None else out
 
 
 def conv_init(params: dict, name: str, c_in: int, c_out: int, k: int, gen) -> None:

@@ -169,7 +169,7 @@ class ModuleModel:
 
     def apply(self, params, buffers, x, train: bool, taps=None):
         if taps is not None:
-            raise ConfigError("ekfac needs the built-in models (its K-FAC taps); use another method")
+            raise ConfigError("ekfac and source need the built-in models (their K-FAC taps); use another method")
         sinks = {}
         for name in self.bn_names:
             bn = self.module.get_submodule(name)
