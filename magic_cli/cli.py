@@ -46,7 +46,8 @@ def _with_method(overrides, method: str | None) -> list[str]:
 
 def _with_groups(overrides, groups: str | None) -> list[str]:
     """--groups of retrain-ground-truth and score: the same as ground_truth.groups=."""
-    return list(overrides or []) + ([f"ground_truth.groups={groups}"] if groups else [])
+    quoted = str(groups).replace("\\", "\\\\").replace("'", "\\'")  # a string, whatever it looks like
+    return list(overrides or []) + ([f"ground_truth.groups='{quoted}'"] if groups else [])
 
 
 def _fail(message: str, code: int = 2):

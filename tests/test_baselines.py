@@ -198,8 +198,8 @@ def test_source_segments_and_their_step_sizes():
         nu = torch.cat([final.opt["nu"][f"{name}.{p}"].flatten() for p in ("weight", "bias")]).double()
         want = 2.0 * float((1 / (torch.sqrt(nu / (1 - cfg.betas[1] ** t) + cfg.eps_root) + cfg.eps)).mean())
         assert h == pytest.approx(want, rel=1e-12)
-    sgd = problem_for([*TINY, "optimizer=sgd"])
-    assert baselines._per_layer(sgd, sgd.init_state(), 1, 2.0) == 2.0
+    sgd = problem_for([*TINY, "optimizer=sgd"])  # momentum 0.9: steps of lr / (1 - 0.9)
+    assert baselines._per_layer(sgd, sgd.init_state(), 1, 2.0) == pytest.approx(20.0)
     carry, made = baselines.source_filters(torch.tensor([0.0, 1.0]), 2.0, 0.0)
     assert torch.allclose(carry, torch.tensor([1.0, np.exp(-2.0)], dtype=carry.dtype))
     assert torch.allclose(made, torch.tensor([2.0, 1 - np.exp(-2.0)], dtype=made.dtype))

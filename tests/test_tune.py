@@ -68,8 +68,9 @@ def test_attribute_uses_the_tuned_values_unless_given_and_score_leaves_validatio
     result = magic_cli.attribute(cfg, test_ids="0:12", method="ekfac")
     assert result.tuned == best and result.ids_computed == 0  # the same settings: nothing recomputed
     given = magic_cli.compose([*args, "attribute.ekfac.damping=0.5"])
-    assert tune_module.with_tuned(given, magic_cli.load_run(out).dir, magic_cli.load_run(out).record) \
-        .attribute.ekfac.damping == 0.5  # the command line wins over tuning
+    run = magic_cli.load_run(out)
+    config, applied = tune_module.with_tuned(given, run.dir, run.record)
+    assert config.attribute.ekfac.damping == 0.5 and "damping" not in applied  # the command line wins
     assert settings["test_ids"] == list(range(12))
 
     magic_cli.attribute(cfg, test_ids="0:12")  # MAGIC, on the same ids
@@ -111,3 +112,20 @@ def test_cost_extrapolation_and_crossover():
     assert cost_of(magic, n) > cost_of(trak, n) and all(cost_of(magic, m) <= cost_of(trak, m) for m in range(1, n))
     assert n == 25  # 7 passes (14 s) against 12.5 s
     assert crossover(magic, {"fixed": 0.0, "per_id": 0.1, "batch": None}) == 1
+
+
+def test_one_validation_split_per_run_and_cluster_jobs_keep_the_submitters_values(tuned_run, cli):
+    cfg, out, args = tuned_run
+    magic_cli.tune(cfg, method="ekfac")
+    one_line_error(*cli("tune", "--method", "ekfac", *args, "attribute.tune.seed=1")[::2],
+                   "draw other validation ids", "use the same values")
+    from magic_cli.stages.attribute import attribute_job
+
+    # a cluster job gets the submitter's config, tuned values included, and computes here (never resubmits)
+    run = magic_cli.load_run(out)
+    submitted, applied = tune_module.with_tuned(magic_cli.compose([*args, "launcher=slurm", "attribute.method=ekfac"]),
+                                                run.dir, run.record)
+    assert applied  # the tuned values, which the job must keep
+    assert attribute_job(str(out.parent), submitted.raw, [20, 21]) == 2
+    side = json.loads((out / "attribute" / "ekfac" / "scores.json").read_text())
+    assert {20, 21} <= set(side["test_ids"]) and side["options"] == {**side["options"], **applied}

@@ -56,10 +56,13 @@ class Clock:
 
     @contextlib.contextmanager
     def training_side(self):
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # kernels run async
+        sync()
         begin = time.perf_counter()
         try:
             yield
         finally:
+            sync()
             self.fixed += time.perf_counter() - begin
 
     def timed(self, items):
@@ -213,9 +216,9 @@ def trak(problem: Problem, final: TrainState, test_ids, output: str, options: di
 # --- EK-FAC influence --------------------------------------------------------------------------
 
 def _kfac_layers(params: dict) -> list[str]:
-    """The layers K-FAC covers: linear (2-D weight) and convolutional (4-D weight) ones. Other
-    parameters (BatchNorm's scales and shifts, embeddings) are left out of the curvature and of the
-    gradients' inner products, as kronfluence leaves out the modules it does not track."""
+    """The layers K-FAC covers: linear (2-D weight) and convolutional (4-D weight) ones, which the
+    model must tap. Other parameters (BatchNorm's scales and shifts) are left out of the curvature
+    and of the gradients' inner products, as kronfluence leaves out the modules it does not track."""
     names = sorted({k.rsplit(".", 1)[0] for k in params if k.endswith(".weight") and params[k].dim() in (2, 4)})
     if not names:
         raise ConfigError("ekfac and source need linear or convolutional layers; this model has none")
@@ -371,10 +374,11 @@ def source_from(problem: Problem, segments: list, test_grads: dict, damping: flo
 
 
 def _per_layer(problem: Problem, state: TrainState, t: int, horizon: float):
-    """A segment's horizon: for Adam, one per linear layer, scaled by the layer's mean preconditioner."""
+    """A segment's horizon: for Adam, one per layer (linear or convolutional), scaled by the layer's
+    mean preconditioner; for SGD with momentum mu, the steady-state step lr / (1 - mu)."""
     cfg = problem.config.optimizer
     if cfg.name != "adam":
-        return horizon
+        return horizon / (1.0 - cfg.momentum)
     c2 = 1.0 - cfg.betas[1] ** max(t, 1)
     out = {}
     for name in _kfac_layers(state.params):

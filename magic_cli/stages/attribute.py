@@ -59,24 +59,24 @@ from magic_cli.run_dir import (
 )
 from magic_cli.stages.assemble import assemble
 from magic_cli.stages.checkpoints import checkpoint_param, load_final_and_stored
-from magic_cli.stages.tune import tuned_values, with_tuned
+from magic_cli.stages.tune import with_tuned
 
 SIGN = "d output / d weight"
 
 
 def attribute_stage(config: Config, run: RunDir, test_ids_spec: str, overwrite: bool = False,
-                    progress_factory=None) -> AttributeResult:
+                    progress_factory=None, apply_tuning: bool = True) -> AttributeResult:
     """Compute the missing groups of test ids with config.attribute.method; merge; say what was done."""
     # config.py admits only float32/float64: half precision gives meaningless metagradients.
     enable_determinism(config.device, config.threads)
     with run.lock(exclusive=False):
         run.clean(exclusive=False)
         record = run.require_trained(config)
-        tuned = with_tuned(config, run, record)  # the values `magic tune` chose, unless given on the command line
+        # the values `magic tune` chose, unless given on the command line (a cluster job's config has them)
+        tuned, applied = with_tuned(config, run, record) if apply_tuning else (config, {})
         problem = assemble(tuned)
         result = _attribute(tuned, run, record, problem, test_ids_spec, overwrite, progress_factory)
-        return dataclasses.replace(result, tuned=tuned_values(run, config.attribute.method, record)
-                                   if tuned is not config else {})
+        return dataclasses.replace(result, tuned=applied)
 
 
 def settings_of(config) -> dict:
@@ -297,4 +297,4 @@ def attribute_job(cwd: str, raw: dict, ids: list[int]) -> int:
     # Exactly this group, as the submitting command formed it (with attribute.memory, from its measurement).
     here = dataclasses.replace(config, launcher=dataclasses.replace(config.launcher, name="local"),
                                attribute=dataclasses.replace(config.attribute, batch_size=len(ids), memory=None))
-    return attribute_stage(here, RunDir(config.out_dir), ",".join(map(str, ids))).ids_computed
+    return attribute_stage(here, RunDir(config.out_dir), ",".join(map(str, ids)), apply_tuning=False).ids_computed

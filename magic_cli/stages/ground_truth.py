@@ -278,15 +278,16 @@ def _plan(config, run, record, index, count) -> Plan:
     G = gt.batch
     m_all = -(-gt.num_subsets // G) * G  # whole blocks: the last one runs past num_subsets
     masks = {p: make_masks(n_train, p, m_all, gt.seed, groups=groups) for p in gt.drop_fractions}
-    if config.train.data_weights is not None:  # a subset must keep some weight: else nothing is trained on
-
-        kept = load_data_weights(config.train.data_weights, n_train) > 0
+    # a subset must keep some weight, else nothing is trained on (whole groups can drop everything)
+    if config.train.data_weights is not None or groups is not None:
+        kept = (load_data_weights(config.train.data_weights, n_train) > 0 if config.train.data_weights is not None
+                else np.ones(n_train, dtype=bool))
         for p in gt.drop_fractions:
             empty = np.flatnonzero(~(masks[p][:gt.num_subsets] & kept).any(axis=1))
             if len(empty):
                 raise ConfigError(f"ground truth: subset {empty[0]} of drop {p:g} drops every example of nonzero "
-                                  "weight (train.data_weights): nothing would be trained on; lower "
-                                  "ground_truth.drop_fractions")
+                                  "weight (train.data_weights, ground_truth.groups): nothing would be trained on; "
+                                  "lower ground_truth.drop_fractions")
     identities = {(p, k): subset_identity(fingerprint, gt.seed, p, k, masks[p][k], G, groups)
                   for p in gt.drop_fractions for k in range(m_all)}
     states = {key: status(run.subset(*key), ident) for key, ident in identities.items()}
@@ -377,10 +378,11 @@ def load_ground_truth(run, config, fingerprint: str, p: float, output: str, n_tr
 
     gt, path = config.ground_truth, run.ground_truth_outputs(p, output)
     folder = run.ground_truth_dir(p)
+    rerun = "magic retrain-ground-truth" + (f" --groups {gt.groups}" if gt.groups is not None else "")
     if not path.exists():
         if not any(folder.glob("subset_*.npz")):
             return None
-        raise StageError(f"ground truth for drop {p:g} is incomplete: run `magic retrain-ground-truth` to finish it")
+        raise StageError(f"ground truth for drop {p:g} is incomplete: run `{rerun}` to finish it")
     try:
         side = verify(path, merged_identity(fingerprint, gt.seed, p, gt.batch, groups))
     except ArtifactError as e:
@@ -388,15 +390,15 @@ def load_ground_truth(run, config, fingerprint: str, p: float, output: str, n_tr
         old = load_json(sidecar(path)) if e.reason == "stale" else {}
         if old.get("fingerprint") == fingerprint and old.get("batch", 1) != gt.batch:
             raise StageError(f"{folder} was retrained with ground_truth.batch={old.get('batch', 1)}; pass that, or "
-                             f"rerun `magic retrain-ground-truth` with ground_truth.batch={gt.batch}") from None
-        raise StageError(f"{e}: rerun `magic retrain-ground-truth` to rebuild it") from None
+                             f"rerun `{rerun}` with ground_truth.batch={gt.batch}") from None
+        raise StageError(f"{e}: rerun `{rerun}` to rebuild it") from None
     types = side.get("device_types", [])
     if len(types) > 1 and not mix_devices:
         raise StageError(f"{folder} mixes retrainings run on {' and '.join(types)} (bit-identity holds per device "
                          "type): retrain the subsets of one of them, or pass --mix-devices to score anyway")
     if side["num_subsets"] < gt.num_subsets:
         raise StageError(f"{folder} has {side['num_subsets']} retrainings but ground_truth.num_subsets="
-                         f"{gt.num_subsets}: run `magic retrain-ground-truth` to add the rest")
+                         f"{gt.num_subsets}: run `{rerun}` to add the rest")
     masks = make_masks(n_train, p, gt.num_subsets, gt.seed, groups=groups)
     return masks, load_npy(path)[:gt.num_subsets]
 

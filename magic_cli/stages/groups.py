@@ -21,8 +21,6 @@ from magic_cli.core.groups import Groups
 from magic_cli.errors import ConfigError
 from magic_cli.readers import read_npy, read_table, read_text
 
-NPY_MAGIC = b"\x93NUMPY"
-
 
 def resolve_groups(spec: str, dataset, key: str = "--groups") -> Groups:
     """The Groups a spec names for this dataset; one ConfigError line naming the key otherwise."""
@@ -62,8 +60,6 @@ def _name(value) -> str:
 
 def _read_file(path: Path, n: int, key: str) -> list:
     """One group name (or None) per training example, from a group file."""
-    with open(path, "rb") as f:
-        head = f.read(6)
     if path.suffix in (".csv", ".parquet"):
         table = read_table(path, key)
         if "group" not in table.columns:
@@ -86,7 +82,7 @@ def _read_file(path: Path, n: int, key: str) -> list:
         for i, name in zip(ids, names):
             out[int(i)] = name
         return out
-    if head == NPY_MAGIC:
+    if path.suffix == ".npy":
         values = read_npy(path, key)
         if values.ndim != 1:
             raise ConfigError(f"{key}: {path} must hold one group per training example, got shape {values.shape}")

@@ -87,7 +87,7 @@ def _score_section(run: RunDir) -> list[str]:
     frontier = run.report_file("lds_vs_cost.png")
     if frontier.is_file():
         out.append(f'<div class="figures">{_img(frontier, "LDS against cost")}</div>')
-    scatters = sorted(run.report_dir.glob("scatter_*.png"))
+    scatters = sorted(run.report_file("index.html").parent.glob("scatter_*.png"))
     if scatters:
         out += ["<h3>Predicted against actual change</h3>",
                 '<div class="figures">' + "".join(_img(p, p.stem) for p in scatters) + "</div>"]

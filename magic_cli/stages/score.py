@@ -67,7 +67,7 @@ class ScoreResult:
                                       tuple((w["test_id"], w["lds"], w["slope"]) for w in s["low_lds"]))
                         for p, s in per_drop.items()} for method, per_drop in summary["lds"].items()}
         return cls(lds, dict(summary["seconds"]), summary["output"], tuple(summary["missing_drop_fractions"]),
-                   summary["test_accuracy"], run.report_dir, run.report_file("report.md"), summary)
+                   summary["test_accuracy"], run.report_file("report.md").parent, run.report_file("report.md"), summary)
 
     def low_lds_lines(self, limit: int = 6) -> list[str]:
         return low_lds_lines(self.summary, limit)
@@ -150,7 +150,7 @@ def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> Scor
               "missing_drop_fractions": [p for p in config.ground_truth.drop_fractions if p not in truth],
               "methods": methods, "fingerprint": fingerprint,
               "validation_ids_left_out": sorted(held_out),
-              "tuned": {m: v for m in methods if (v := tuned_values(run, m, record))},
+              "tuned": {m: v for m in methods if (v := tuned_values(run, m, record, output))},
               "unit": "examples" if groups is None else f"groups ({groups.source}, {groups.n_groups})",
               "test_accuracy": record["metrics"]["test_accuracy"]}
     save_text(run.report_file("lds.csv"), table.to_csv(index=False))
@@ -159,6 +159,8 @@ def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> Scor
     save_bytes(run.report_file("lds_vs_drop.png"), _plot_lds(result))
     if any(costs.values()):
         save_bytes(run.report_file("lds_vs_cost.png"), _plot_cost(result))
+    else:  # no method measured its cost split: no plot from an earlier score
+        run.report_file("lds_vs_cost.png").unlink(missing_ok=True)
     for (method, p), (pred, act, sids) in scatter_data.items():
         save_bytes(run.report_file(f"scatter_{method}_{p:g}.png"), _plot_scatter(method, p, pred, act, sids))
     write_index(run, config.name)

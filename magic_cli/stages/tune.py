@@ -107,8 +107,11 @@ def _tune(config, run, record, method, grid, progress_factory) -> TuneResult:
     n_train, n_test = problem.dataset.n_train, problem.dataset.n_test
     tc = config.attribute.tune
     ids = validation_ids(n_test, tc.n_val, tc.seed)
-    split = {"fingerprint": record["fingerprint"], "seed": tc.seed, "n_val": tc.n_val, "validation_ids": ids}
-    save_json(run.tune_split, split)
+    held = validation_split(run, record)
+    if held and held != ids:
+        raise ConfigError(f"attribute.tune.n_val={tc.n_val} and attribute.tune.seed={tc.seed} draw other validation "
+                          f"ids than the other methods of this run were tuned on ({run.tune_split}): use the same "
+                          "values")
     truth = validation_truth(run, config, record, n_train, ids)
     w0 = load_data_weights(config.train.data_weights, n_train) if config.train.data_weights else None
     final = load_final(problem, run, record)
@@ -133,10 +136,14 @@ def _tune(config, run, record, method, grid, progress_factory) -> TuneResult:
             trials.append(Trial(values, float(np.mean(finite)) if finite else float("nan"), per_drop,
                                 time.perf_counter() - began))
             advance(n)
+    if all(t.skipped for t in trials):
+        raise ConfigError(trials[0].skipped)
     ranked = [t for t in trials if np.isfinite(t.lds)]
     if not ranked:
         raise StageError(f"every point of the {method} grid gave NaN validation LDS (no output moved)")
     best = max(ranked, key=lambda t: t.lds)  # the first of equals: the grid's order
+    save_json(run.tune_split, {"fingerprint": record["fingerprint"], "seed": tc.seed, "n_val": tc.n_val,
+                               "validation_ids": ids})
     path = run.tune_file(method)
     save_json(path, {"method": method, "fingerprint": record["fingerprint"], "output": config.attribute.output,
                      "validation_ids": ids, "drop_fractions": [float(p) for p in truth], "grid": grid,
@@ -144,14 +151,14 @@ def _tune(config, run, record, method, grid, progress_factory) -> TuneResult:
     return TuneResult(method, tuple(ids), tuple(truth), tuple(trials), best.values, path, time.perf_counter() - start)
 
 
-def tuned_values(run: RunDir, method: str, record: dict) -> dict:
+def tuned_values(run: RunDir, method: str, record: dict, output: str | None = None) -> dict:
     """The values `magic tune` chose for a method of this run ({} if it was not tuned)."""
     path = run.tune_file(method)
     if not path.is_file():
         return {}
     data = load_json(path)
-    if data.get("fingerprint") != record["fingerprint"]:
-        return {}  # tuned for another training run: not this run's choice
+    if data.get("fingerprint") != record["fingerprint"] or (output is not None and data.get("output") != output):
+        return {}  # tuned for another training run, or another output: not this run's choice
     return dict(data.get("best") or {})
 
 
@@ -162,13 +169,15 @@ def overridden(config: Config, method: str) -> set[str]:
             if o.split("=", 1)[0].lstrip("+~").startswith(prefix)}
 
 
-def with_tuned(config: Config, run: RunDir, record: dict) -> Config:
-    """The config with the tuned values of its method, except the keys given on the command line."""
+def with_tuned(config: Config, run: RunDir, record: dict) -> tuple[Config, dict]:
+    """(the config with the tuned values of its method, except the keys given on the command line;
+    the values applied)."""
     method = config.attribute.method
-    values = {k: v for k, v in tuned_values(run, method, record).items() if k not in overridden(config, method)}
+    chosen = tuned_values(run, method, record, config.attribute.output)
+    values = {k: v for k, v in chosen.items() if k not in overridden(config, method)}
     if not values:
-        return config
-    return with_values(config, [f"attribute.{method}.{k}={json.dumps(v)}" for k, v in values.items()])
+        return config, {}
+    return with_values(config, [f"attribute.{method}.{k}={json.dumps(v)}" for k, v in values.items()]), values
 
 
 def validation_split(run: RunDir, record: dict) -> list[int]:
