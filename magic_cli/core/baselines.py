@@ -134,6 +134,12 @@ def _epoch_states(problem: Problem) -> tuple[list[int], dict]:
     return starts, kept
 
 
+def _mean_lr(problem: Problem, start: int, end: int) -> float:
+    """The schedule's mean learning rate over the training steps [start, end)."""
+    cfg = problem.config.optimizer
+    return cfg.lr * sum(lr_factor(cfg.schedule, t, problem.total_steps) for t in range(start, end)) / (end - start)
+
+
 def tracin(problem: Problem, final: TrainState, test_ids, output: str, options: dict, clock: Clock | None = None):
     """TracIn-CP over epochs; options (config.TracinConfig): states (start | end of each epoch),
     checkpoints (the last K epochs; 0 = all), lr_weighting (each epoch's mean learning rate, else
@@ -150,8 +156,7 @@ def tracin(problem: Problem, final: TrainState, test_ids, output: str, options: 
     cfg = problem.config.optimizer
     total = 0.0
     for start, end in epochs[-last:] if last else epochs:
-        mean = sum(lr_factor(cfg.schedule, t, problem.total_steps) for t in range(start, end)) / (end - start)
-        lr = cfg.lr * (mean if options["lr_weighting"] else 1.0)
+        lr = _mean_lr(problem, start, end) if options["lr_weighting"] else cfg.lr
         state = kept[end] if at_end else kept[start]
         total = total - lr * _step_scale(problem) * _grad_dot(problem, state, test_ids, output, clock)
     return total
@@ -403,10 +408,10 @@ def source(problem: Problem, final: TrainState, test_ids, output: str, options: 
     bounds = segment_bounds(problem.total_steps, n_segments)
     with clock.training_side():
         _, kept, _ = problem.run(keep={end for _, end in bounds})
-    cfg, batch = problem.config.optimizer, problem.config.train.batch_size
+    batch = problem.config.train.batch_size
     segments = []
     for start, end in bounds:
-        lr = cfg.lr * sum(lr_factor(cfg.schedule, t, problem.total_steps) for t in range(start, end)) / (end - start)
+        lr = _mean_lr(problem, start, end)
         horizon = lr * _step_scale(problem) * batch * (end - start)
         segments.append((kept[end], _per_layer(problem, kept[end], end, horizon)))
     (_, g_test), = per_example_grads(problem, final, ds.x_test[ids], ds.y_test[ids], OUTPUT_FUNCTIONS[output],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from magic_cli.core.groups import Groups
+from magic_cli.core.groups import Groups, group_scores
 from magic_cli.errors import ConfigError
 from magic_cli.readers import read_npy, read_table, read_text
 
@@ -43,6 +43,16 @@ def resolve_groups(spec: str, dataset, key: str = "--groups") -> Groups:
     if groups.n_groups < 2:
         raise ConfigError(f"{key}={spec}: {groups.n_groups} group{'s' * (groups.n_groups != 1)}; need at least 2")
     return groups
+
+
+def group_score_frame(scores, groups: Groups, weights, test_ids):
+    """d f_j / d e_g of every group as a frame: group, size, then one column per test id."""
+    import pandas as pd
+
+    frame = pd.DataFrame(group_scores(scores, groups, weights), columns=list(test_ids))
+    frame.insert(0, "size", groups.sizes())
+    frame.insert(0, "group", list(groups.names))
+    return frame
 
 
 def unit_of(spec: str | None) -> str:

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 import yaml
 
-from magic_cli.core.groups import Groups, group_scores
+from magic_cli.core.groups import Groups
 from magic_cli.core.metrics import most_helpful_first
 from magic_cli.data import load_dataset
 from magic_cli.errors import ArtifactError, ConfigError, StageError
@@ -32,7 +32,7 @@ from magic_cli.run_dir import RunDir, load_npy, load_record, verify
 from magic_cli.stages.assemble import load_data_weights
 from magic_cli.stages.attribute import load_scores
 from magic_cli.stages.ground_truth import make_masks
-from magic_cli.stages.groups import resolve_groups
+from magic_cli.stages.groups import group_score_frame, resolve_groups
 
 
 @dataclass
@@ -147,10 +147,7 @@ class Run:
                 raise ConfigError(f"groups: {len(names)} names given, one per training example needs {n}")
             resolved = Groups.of(names, "given")
         w0 = load_data_weights(config.train.data_weights, n) if config.train.data_weights else None
-        frame = pd.DataFrame(group_scores(scores.values, resolved, w0), columns=scores.test_ids)
-        frame.insert(0, "size", resolved.sizes())
-        frame.insert(0, "group", list(resolved.names))
-        return frame
+        return group_score_frame(scores.values, resolved, w0, scores.test_ids)
 
     def lds(self):
         """The per-test LDS table of the last `magic score` (method, drop, test_id, spearman, pearson, slope)."""

@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 
 from magic_cli.config import Config
-from magic_cli.core.groups import group_scores
 from magic_cli.core.metrics import COST_IDS, cost_of, crossover, mean_with_ci, per_test_correlations, predicted_change
 from magic_cli.plots import figure_bytes, pyplot
 from magic_cli.run_dir import RunDir, StageError, load_npy, save_bytes, save_json, save_text, verify
@@ -26,6 +25,7 @@ from magic_cli.stages.assemble import load_data_weights
 from magic_cli.stages.attribute import load_scores
 from magic_cli.stages.checkpoints import REPAIR
 from magic_cli.stages.ground_truth import config_groups, load_ground_truth, truth_dir
+from magic_cli.stages.groups import group_score_frame
 from magic_cli.stages.page import write_index
 from magic_cli.stages.tune import tuned_values, validation_split
 
@@ -121,9 +121,7 @@ def _score(config, run: RunDir, record: dict, mix_devices: bool = False) -> Scor
         seconds[method] = side.get("seconds")
         costs[method] = side.get("cost")
         if groups is not None:  # d f_j / d e_g of every group, for the reader
-            frame = pd.DataFrame(group_scores(scores, groups, w0), columns=ids)
-            frame.insert(0, "size", groups.sizes())
-            frame.insert(0, "group", list(groups.names))
+            frame = group_score_frame(scores, groups, w0, ids)
             save_text(run.report_file(f"group_scores_{method}.csv"), frame.to_csv(index=False))
         summary[method] = {}
         for p, (masks, outputs) in truth.items():
