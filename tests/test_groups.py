@@ -163,3 +163,15 @@ def test_bad_group_specs(tiny_run, cli, tmp_path):
     one_line_error(*cli("retrain-ground-truth", "--groups", str(short), *TINY, *GT, f"out_dir={out}")[::2],
                    "ground_truth.groups", "has 2 lines")
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing half-written
+
+
+def test_verify_drops_only_units_of_the_shown_sign():
+    from magic_cli.stages.explain import Units, _drops
+
+    groups = Groups.of(["a", "b", "c", "a", "b", "c"], "given")
+    units = Units(6, groups)
+    scores = np.array([-0.5, 0.2, 0.1])  # loss scores: one proponent group (a), two opponents
+    one = _drops(0, scores, "loss", 1, 0, units)
+    assert list(one["proponents"]) == [0, 3] and list(one["opponents"]) == [1, 4]
+    two = _drops(0, scores, "loss", 2, 0, units)
+    assert "proponents" not in two and list(two["opponents"]) == [1, 2, 4, 5] and len(two["random"]) == 4

@@ -310,12 +310,17 @@ def _decoder(config, kind):
 
 def _drops(j: int, unit_scores: np.ndarray, output: str, k: int, seed: int, units: Units) -> dict[str, np.ndarray]:
     """The training examples each counterfactual drops: those of the top-k proponent units, of the
-    top-k opponent units, and of k random units (seeded by the test id and k)."""
+    top-k opponent units, and of k random units (seeded by the test id and k). Proponents and
+    opponents are those of the right sign only, as shown: a kind with fewer than k is not run."""
     order = most_helpful_first(unit_scores, output)
+    sign = -1.0 if output == "loss" else 1.0
     rng = np.random.default_rng(derive_seed(seed, "explain", j, k) if units.groups is None
                                 else derive_seed(seed, "explain", units.name, j, k))
-    return {"proponents": units.examples(order[:k]), "opponents": units.examples(order[::-1][:k]),
-            "random": units.examples(rng.choice(len(unit_scores), size=k, replace=False))}
+    drops = {"proponents": order[:k], "opponents": order[::-1][:k]}
+    out = {kind: units.examples(chosen) for kind, chosen in drops.items()
+           if np.all(sign * unit_scores[chosen] * (1 if kind == "proponents" else -1) > 0)}
+    out["random"] = units.examples(rng.choice(len(unit_scores), size=k, replace=False))
+    return out
 
 
 def _retrain_without(task):
