@@ -165,8 +165,8 @@ def tuned_values(run: RunDir, method: str, record: dict, output: str | None = No
 def overridden(config: Config, method: str) -> set[str]:
     """The keys of attribute.<method> given on the command line (they win over tuned values)."""
     prefix = f"attribute.{method}."
-    return {o.split("=", 1)[0].lstrip("+~")[len(prefix):] for o in config.overrides
-            if o.split("=", 1)[0].lstrip("+~").startswith(prefix)}
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in config.overrides)
+    return {key[len(prefix):] for key in keys if key.startswith(prefix)}
 
 
 def with_tuned(config: Config, run: RunDir, record: dict) -> tuple[Config, dict]:
