@@ -71,3 +71,29 @@ def unrolled_scores(problem, ids, output="loss"):
         logits, _ = problem.model.apply(state.params, state.buffers, problem.dataset.x_test[ids], train=False)
         out = OUTPUT_FUNCTIONS[output](logits, problem.dataset.y_test[ids])
         return torch.stack([torch.autograd.grad(out[j], w, retain_graph=True)[0] for j in range(len(ids))])
+
+
+def assert_taps_give_per_example_gradients(problem, state, n: int = 4) -> dict:
+    """For every layer K-FAC covers, sum over positions of (output gradient) x (input, 1) equals
+    the layer's per-example weight and bias gradient (vmap(grad)) at the labels K-FAC uses: label
+    0 for a classifier (g[0]), the drawn labels for a sequence model. Returns the layers."""
+    import torch
+
+    from magic_cli.core import baselines
+    from magic_cli.core.losses import per_example_loss
+    from magic_cli.determinism import generator
+
+    layers = baselines._kfac_layers(problem, state)
+    a_bar, g, _ = next(baselines._layer_factors(problem, state, layers, chunk=n))
+    x, y = problem.dataset.x_train[:n], problem.dataset.y_train[:n]
+    if y.dim() == 1:
+        labels = torch.zeros_like(y)
+    else:
+        logits, _ = problem.model.apply(state.params, state.buffers, x, train=False)
+        labels = baselines._sampled_labels(logits, y, generator(problem.config.seed, "kfac-labels", 0))
+        assert (labels != y).any() and ((labels == -100) == (y == -100)).all()
+    (_, grads), = baselines.per_example_grads(problem, state, x, labels, per_example_loss, chunk=n)
+    for name, transposed in layers.items():
+        m = torch.einsum("nto,nti->noi", g[name][0], a_bar[name])
+        torch.testing.assert_close(m, baselines._layer_matrix(grads, name, transposed), rtol=1e-9, atol=1e-13)
+    return layers

@@ -4,11 +4,12 @@ products, and exact-Hessian influence where K-FAC is exact."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, problem_for
+from conftest import TINY, assert_taps_give_per_example_gradients, problem_for
 
 from magic_cli.core import baselines
 from magic_cli.core.losses import OUTPUT_FUNCTIONS
@@ -192,25 +193,18 @@ def test_source_segments_and_their_step_sizes():
     problem = problem_for(TINY)  # Adam: each layer's horizon scaled by its mean preconditioner
     final = problem.run()[0]
     cfg, t = problem.config.optimizer, problem.total_steps
-    per_layer = baselines._per_layer(problem, final, t, 2.0)
-    assert sorted(per_layer) == sorted(baselines._kfac_layers(final.params))
+    layers = baselines._kfac_layers(problem, final)
+    per_layer = baselines._per_layer(problem, final, t, 2.0, layers)
+    assert sorted(per_layer) == sorted(layers) == ["fc0", "fc1"]
     for name, h in per_layer.items():
         nu = torch.cat([final.opt["nu"][f"{name}.{p}"].flatten() for p in ("weight", "bias")]).double()
         want = 2.0 * float((1 / (torch.sqrt(nu / (1 - cfg.betas[1] ** t) + cfg.eps_root) + cfg.eps)).mean())
         assert h == pytest.approx(want, rel=1e-12)
     sgd = problem_for([*TINY, "optimizer=sgd"])  # momentum 0.9: steps of lr / (1 - 0.9)
-    assert baselines._per_layer(sgd, sgd.init_state(), 1, 2.0) == pytest.approx(20.0)
+    assert baselines._per_layer(sgd, sgd.init_state(), 1, 2.0, layers) == pytest.approx(20.0)
     carry, made = baselines.source_filters(torch.tensor([0.0, 1.0]), 2.0, 0.0)
     assert torch.allclose(carry, torch.tensor([1.0, np.exp(-2.0)], dtype=carry.dtype))
     assert torch.allclose(made, torch.tensor([2.0, 1 - np.exp(-2.0)], dtype=made.dtype))
-
-
-def test_kfac_covers_linear_and_convolutional_layers_and_leaves_the_rest_out():
-    params = {"conv.weight": torch.zeros(2, 2, 3, 3), "bn.weight": torch.zeros(2), "bn.bias": torch.zeros(2),
-              "head.weight": torch.zeros(3, 2), "head.bias": torch.zeros(3)}
-    assert baselines._kfac_layers(params) == ["conv", "head"]
-    with pytest.raises(ValueError, match="no"):
-        baselines._kfac_layers({"scale": torch.zeros(3)})
 
 
 CNN = ["experiment=digits_cnn", "model.channels=[4,6]", "train.epochs=1", "dtype=float64"]
@@ -233,12 +227,52 @@ def test_conv_taps_give_each_examples_weight_gradient():
         torch.testing.assert_close(m[i], want.double(), rtol=1e-10, atol=1e-12)
 
 
+LM = ["experiment=text_tiny_lm", "dataset.n_train=40", "dataset.n_test=8", "dataset.context=12", "model.dim=16",
+      "model.n_layers=1", "model.n_heads=2", "train.epochs=1", "train.batch_size=8", "dtype=float64"]
+
+
+def test_kfac_covers_linear_and_convolutional_layers_per_position_and_leaves_the_rest_out():
+    cnn = problem_for(CNN)
+    layers = assert_taps_give_per_example_gradients(cnn, cnn.run()[0])
+    assert layers == {"block0.conv": False, "block1.conv": False, "head": False}  # not BatchNorm
+    lm = problem_for(LM)
+    layers = assert_taps_give_per_example_gradients(lm, lm.run()[0])
+    assert sorted(layers) == ["h0.fc", "h0.out", "h0.proj", "h0.qkv", "head"]  # not embeddings, not LayerNorm
+
+
+def test_ekfac_refit_is_the_fishers_diagonal_in_the_kronecker_eigenbasis_per_token():
+    """A sequence model: Lambda[o, i] = E_x (Q_G^T dW Q_A)[o, i]^2, dW the gradient of each example's
+    loss at the labels drawn from the model, by explicit autograd; the draws are reproducible."""
+    from magic_cli.core.losses import per_example_loss
+    from magic_cli.determinism import generator
+
+    problem = problem_for(LM)
+    state = problem.run()[0]
+    factors = baselines.ekfac_factors(problem, state)
+    q_a, q_g, lam, _ = factors["h0.qkv"]
+    ds = problem.dataset
+    logits, _ = problem.model.apply(state.params, state.buffers, ds.x_train, train=False)
+    labels = baselines._sampled_labels(logits, ds.y_train, generator(problem.config.seed, "kfac-labels", 0))
+    want = torch.zeros_like(lam)
+    for i in range(ds.n_train):
+        params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
+        out, _ = problem.model.apply(params, state.buffers, ds.x_train[i:i + 1], train=False)
+        dw, db = torch.autograd.grad(per_example_loss(out, labels[i:i + 1]).sum(),
+                                     [params["h0.qkv.weight"], params["h0.qkv.bias"]])
+        want += (q_g.T @ torch.cat([dw, db[:, None]], 1).double() @ q_a) ** 2 / ds.n_train
+    torch.testing.assert_close(lam, want, rtol=1e-9, atol=1e-14)
+    again = baselines.ekfac_factors(problem, state)["h0.qkv"][2]
+    assert torch.equal(again, lam)
+    other = baselines.ekfac_factors(problem, state, tag=1)["h0.qkv"][2]
+    assert not torch.equal(other, lam)
+
+
 def test_ekfac_refit_is_the_fishers_diagonal_in_the_kronecker_eigenbasis():
     """Lambda[o, i] = E_x E_{y ~ p} (Q_G^T dW Q_A)[o, i]^2, computed from explicit per-example,
     per-label autograd gradients of a convolution's weight."""
     problem = problem_for(CNN + ["dataset.test_fraction=0.97", "train.batch_size=16"])  # a few dozen images
     state = problem.run()[0]
-    q_a, q_g, lam = baselines.ekfac_factors(problem, state)["block0.conv"]
+    q_a, q_g, lam, _ = baselines.ekfac_factors(problem, state)["block0.conv"]
     ds = problem.dataset
     want = torch.zeros_like(lam)
     for i in range(ds.n_train):
@@ -251,14 +285,20 @@ def test_ekfac_refit_is_the_fishers_diagonal_in_the_kronecker_eigenbasis():
     torch.testing.assert_close(lam, want, rtol=1e-9, atol=1e-14)
 
 
-def test_ekfac_and_source_run_on_the_cnn(cli, tmp_path):
-    args = [*CNN, f"out_dir={tmp_path}"]
+@pytest.mark.parametrize("model", ["cnn", "lm"])
+def test_ekfac_and_source_run_on_convolutions_and_sequences_bit_identically(cli, tmp_path, model):
+    args = [*(CNN if model == "cnn" else LM), f"out_dir={tmp_path}", "attribute.source.segments=2"]
     assert cli("train", *args)[0] == 0
     for method in ("ekfac", "source"):
-        code, _, err = cli("attribute", "--test-ids", "0:3", "--method", method, *args)
-        assert code == 0, err
+        runs = []
+        for _ in range(2):
+            shutil.rmtree(tmp_path / "attribute" / method, ignore_errors=True)
+            code, _, err = cli("attribute", "--test-ids", "0:3", "--method", method, *args)
+            assert code == 0, err
+            runs.append((tmp_path / "attribute" / method / "scores.npy").read_bytes())
         scores = np.load(tmp_path / "attribute" / method / "scores.npy")
         assert scores.shape[1] == 3 and np.isfinite(scores).all() and np.abs(scores).max() > 0
+        assert runs[0] == runs[1]
 
 
 def test_score_compares_all_methods_side_by_side(cli, tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_eager_step_bit_equal, problem_for, unrolled_scores
+from conftest import assert_eager_step_bit_equal, assert_taps_give_per_example_gradients, problem_for, unrolled_scores
 
 VOCAB, LENGTH = 20, 9
 
@@ -185,6 +185,24 @@ def test_lora_trains_and_differentiates_only_the_adapters(cli, tmp_path):
     assert not torch.equal(final.params["base_model.model.transformer.h.0.attn.c_attn.lora_B.default.weight"],
                            problem.init_state().params["base_model.model.transformer.h.0.attn.c_attn.lora_B.default.weight"])
     _exact(problem, scores)
+
+
+@pytest.mark.parametrize("case", ["tied", "untied", "lora"])
+def test_kfac_taps_cover_conv1d_and_lora_layers(tmp_path, case):
+    """EK-FAC on GPT-2: its Conv1D layers (weights stored (in, out)), the untied head and LoRA's
+    adapters are tapped per token; the tied head (the embedding's second name) and frozen base
+    weights are not."""
+    args = _args(tmp_path, tied=case != "untied") + (["model.lora={r: 2, alpha: 4, targets: [c_attn]}"]
+                                                    if case == "lora" else [])
+    problem = problem_for(args)
+    layers = assert_taps_give_per_example_gradients(problem, problem.run()[0])
+    if case == "lora":
+        assert sorted(layers) == [f"base_model.model.transformer.h.0.attn.c_attn.lora_{x}.default" for x in "AB"]
+        assert not any(layers.values())
+        return
+    conv1d = {f"transformer.h.0.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert {n for n, t in layers.items() if t} == conv1d
+    assert set(layers) == conv1d | ({"lm_head"} if case == "untied" else set())
 
 
 def _ragged_rows(seed=0, n=40):

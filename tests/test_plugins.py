@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, assert_eager_step_bit_equal, unrolled_scores
+from conftest import TINY, assert_eager_step_bit_equal, assert_taps_give_per_example_gradients, unrolled_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "digits_resnet"
@@ -108,6 +108,30 @@ def test_an_nn_module_of_the_built_in_cnn_gives_its_scores(cli, tmp_path):
     b = _attribute(cli, module, tmp_path / "module", "0:4")
     assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
     assert np.abs(a).max() > 0
+
+
+def test_kfac_taps_of_a_module_are_the_built_in_models(tmp_path):
+    """Forward hooks on nn.Conv2d and nn.Linear tap what the built-in CNN taps: EK-FAC gives the
+    built-in's scores (float64); and on the ResNet example every tapped layer's per-token outer
+    products are its per-example gradients."""
+    from magic_cli.core import baselines
+
+    base = ["dataset=digits_images", "model=cnn_small", "model.channels=[3,4]", "train.epochs=1",
+            "train.batch_size=64", "dtype=float64"]
+    built_in = _problem(base)
+    torch.save({**built_in.init_state().params, **built_in.init_state().buffers}, tmp_path / "init.pt")
+    module = _problem(base[:2] + [f"plugins=[{CNN_MODULE}]", "model.name=cnn_small_module", "~model.activation",
+                                  "~model.pool", "~model.head_scale", f"+model.init_from={tmp_path / 'init.pt'}"]
+                      + base[2:])
+    options = {"damping": 1e-3, "relative_damping": False}
+    a = baselines.ekfac(built_in, built_in.run()[0], [0, 3], "loss", options)
+    b = baselines.ekfac(module, module.run()[0], [0, 3], "loss", options)
+    assert float(a.abs().max()) > 0
+    torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-8 * float(a.abs().max()))
+    resnet = _problem(RESNET)
+    layers = assert_taps_give_per_example_gradients(resnet, resnet.run()[0])
+    assert len(layers) == sum(1 for n in resnet.init_state().params if n.endswith(".weight")
+                              and resnet.init_state().params[n].dim() in (2, 4))  # every conv and the head
 
 
 def test_frozen_parameters_are_constants(cli, tmp_path):

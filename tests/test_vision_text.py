@@ -122,14 +122,6 @@ def test_cnn_strategies_are_bit_identical(cli, tmp_path):
     assert results[0] == results[1]
 
 
-@pytest.mark.parametrize("method", ["ekfac", "source"])
-def test_kfac_methods_refuse_sequence_models_in_one_line(cli, tmp_path, method):
-    args = LM + [f"out_dir={tmp_path}"]
-    assert cli("train", *args)[0] == 0
-    code, _, err = cli("attribute", "--test-ids", "0", "--method", method, *args, "attribute.source.segments=2")
-    assert code == 2 and "one label per example" in err and err.count("magic: error:") == 1
-
-
 def test_cuda_asked_for_without_cuda_is_one_line(cli, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -18,10 +18,11 @@ converted (the scale matters only for the slope, never for the LDS):
               each with its own EK-FAC curvature H_l, gradients and step size; see source().
     ekfac     Influence functions, d f_j / d w_i = -(1/N) grad f_j^T (H + lambda)^-1 grad l_i, with H the
               Gauss-Newton Hessian of the mean training loss approximated by EK-FAC (Grosse et al.
-              2023): K-FAC factors A = E[a a^T], G = E_y~p[g g^T] per linear layer (true Fisher: an exact
-              expectation over the model's label distribution, no sampling) and eigenvalues refit in
-              their Kronecker eigenbasis. Damping lambda = damping * mean eigenvalue (relative) or
-              damping itself.
+              2023): K-FAC factors A = E[a a^T], G = E_y~p[g g^T] per linear or convolutional layer
+              (per token in sequences, per output pixel in convolutions; true Fisher: for a classifier
+              an exact expectation over the model's label distribution, for a sequence one label drawn
+              per token) and eigenvalues refit in their Kronecker eigenbasis. Damping lambda = damping *
+              mean eigenvalue (relative) or damping itself.
 
 Gradients are taken in eval mode (BatchNorm uses running statistics), per example with
 torch.func.vmap(grad(...)), and dot products are accumulated in float64.
@@ -220,53 +221,80 @@ def trak(problem: Problem, final: TrainState, test_ids, output: str, options: di
 
 # --- EK-FAC influence --------------------------------------------------------------------------
 
-def _kfac_layers(params: dict) -> list[str]:
-    """The layers K-FAC covers: linear (2-D weight) and convolutional (4-D weight) ones, which the
-    model must tap. Other parameters (BatchNorm's scales and shifts) are left out of the curvature
-    and of the gradients' inner products, as kronfluence leaves out the modules it does not track."""
-    names = sorted({k.rsplit(".", 1)[0] for k in params if k.endswith(".weight") and params[k].dim() in (2, 4)})
-    if not names:
-        raise ConfigError("ekfac and source need linear or convolutional layers; this model has none")
-    return names
+def _kfac_layers(problem: Problem, state: TrainState) -> dict:
+    """{layer: transposed} for the layers K-FAC covers: those the model taps (models/layers.Taps)
+    whose weight is trained: linear layers (per example or per token), convolutions (per output
+    pixel), Hugging Face's Conv1D (a linear layer stored (in, out): transposed). Other parameters
+    (embeddings, normalisation scales and shifts, tied weights) are left out of the curvature and
+    of the gradients' inner products, as kronfluence leaves out the modules it does not track."""
+    taps = Taps()
+    with torch.enable_grad():
+        problem.model.apply(state.params, state.buffers, problem.dataset.x_train[:1], train=False, taps=taps)
+    layers = {name: name in taps.transposed for name in taps.offsets if f"{name}.weight" in state.params}
+    if not layers:
+        raise ConfigError("ekfac and source need trained linear or convolutional layers; this model has none")
+    return layers
 
 
-def _layer_factors(problem: Problem, state: TrainState, layers: list[str], chunk: int = CHUNK):
+def _sampled_labels(logits, y, gen):
+    """One label per supervised position drawn from the model's distribution (IGNORE elsewhere):
+    a sequence's true Fisher is an expectation over V^T label sequences, estimated with one draw
+    per position (as kronfluence does); a classifier's is enumerated exactly instead."""
+    from magic_cli.contracts import IGNORE
+
+    p = torch.softmax(logits.detach().double().reshape(-1, logits.shape[-1]), -1).cpu()
+    drawn = torch.multinomial(p, 1, generator=gen).view(y.shape).to(y.device)
+    return torch.where(y == IGNORE, y, drawn)
+
+
+def _layer_factors(problem: Problem, state: TrainState, layers, chunk: int = CHUNK, tag: int = 0):
     """Yield per chunk: ({layer: a_bar (n, T, in+1)}, {layer: g (C, n, T, out)}, p (n, C)) in eval mode,
-    T the layer's positions per example (1 for a linear layer, the output pixels of a convolution).
+    T the layer's positions per example (1 for a linear layer on a vector, the tokens of a sequence,
+    the output pixels of a convolution).
 
-    g[y] is the gradient of loss(logits, y) with respect to the layer's output, for every label y:
-    expectations over y ~ p give the true Fisher exactly.
+    For a classifier, g[y] is the gradient of loss(logits, y) with respect to the layer's output,
+    for every label y: expectations over y ~ p give the true Fisher exactly. For a sequence model
+    (logits (n, L, V)), C = 1: the gradient of the example's loss (the mean over its supervised
+    tokens) at labels drawn from the model (_sampled_labels, seeded by the run's seed and `tag`:
+    the same draws in both passes of ekfac_factors), with p = 1.
     """
+    from magic_cli.core.losses import per_example_loss
+
     ds = problem.dataset
+    gen = generator(problem.config.seed, "kfac-labels", tag)
     for start in range(0, ds.n_train, chunk):
         x = ds.x_train[start:start + chunk]
         with torch.enable_grad():
             taps = Taps()
             logits, _ = problem.model.apply(state.params, state.buffers, x, train=False, taps=taps)
-            if logits.dim() != 2:
-                raise ConfigError("ekfac and source support classifiers with one label per example")
-            missing = [name for name in layers if name not in taps.offsets]
-            if missing:
-                raise ConfigError(f"ekfac and source: the model does not tap {', '.join(missing[:3])} (K-FAC taps)")
-            log_p = torch.log_softmax(logits, dim=-1)
-            grads = [torch.autograd.grad(-log_p[:, y].sum(), [taps.offsets[n] for n in layers], retain_graph=True)
-                     for y in range(logits.shape[1])]
+            offsets = [taps.offsets[n] for n in layers]
+            if logits.dim() == 2:
+                log_p = torch.log_softmax(logits, dim=-1)
+                grads = [torch.autograd.grad(-log_p[:, y].sum(), offsets, retain_graph=True)
+                         for y in range(logits.shape[1])]
+                p = log_p.detach().double().exp()
+            else:
+                drawn = _sampled_labels(logits, ds.y_train[start:start + chunk], gen)
+                grads = [torch.autograd.grad(per_example_loss(logits, drawn).sum(), offsets)]
+                p = torch.ones(x.shape[0], 1, dtype=torch.float64, device=logits.device)
         a_bar = {}
         for name in layers:
             a = taps.inputs[name].detach().double()  # (n, T, in)
             a_bar[name] = torch.cat([a, torch.ones_like(a[..., :1])], -1) if f"{name}.bias" in state.params else a
-        g = {name: torch.stack([gr[i] for gr in grads]).double() for i, name in enumerate(layers)}  # (C, n, T, out)
-        yield a_bar, g, log_p.detach().double().exp()
+        g = {name: torch.stack([Taps.output_grad(gr[i]) for gr in grads]).double()
+             for i, name in enumerate(layers)}  # (C, n, T, out)
+        yield a_bar, g, p
 
 
-def ekfac_factors(problem: Problem, state: TrainState) -> dict:
-    """{layer: (Q_A, Q_G, Lambda)} with Lambda (out, in+1) the refit eigenvalues: the mean over
-    examples and labels y ~ p of the squared per-example gradient in the Kronecker eigenbasis."""
+def ekfac_factors(problem: Problem, state: TrainState, tag: int = 0) -> dict:
+    """{layer: (Q_A, Q_G, Lambda, transposed)} with Lambda (out, in+1) the refit eigenvalues: the mean
+    over examples (and labels y ~ p) of the squared per-example gradient in the Kronecker eigenbasis.
+    `tag` seeds the labels drawn for a sequence model (one per SOURCE segment)."""
 
-    layers = _kfac_layers(state.params)
+    layers = _kfac_layers(problem, state)
     n = problem.dataset.n_train
     A, G = {}, {}
-    for a_bar, g, p in _layer_factors(problem, state, layers):
+    for a_bar, g, p in _layer_factors(problem, state, layers, tag=tag):
         for name in layers:
             a = a_bar[name]
             A[name] = A.get(name, 0.0) + torch.einsum("nti,ntj->ij", a, a) / n
@@ -274,7 +302,7 @@ def ekfac_factors(problem: Problem, state: TrainState) -> dict:
             G[name] = G.get(name, 0.0) + torch.einsum("cnto,cntp->op", gw, gw) / n
     bases = {name: (torch.linalg.eigh(A[name])[1], torch.linalg.eigh(G[name])[1]) for name in layers}
     lam = {}
-    for a_bar, g, p in _layer_factors(problem, state, layers):
+    for a_bar, g, p in _layer_factors(problem, state, layers, tag=tag):
         for name in layers:
             q_a, q_g = bases[name]
             a_rot, g_rot = a_bar[name] @ q_a, g[name] @ q_g  # (n, T, in), (C, n, T, out)
@@ -285,15 +313,16 @@ def ekfac_factors(problem: Problem, state: TrainState) -> dict:
             for y in range(g_rot.shape[0]):  # a sum over positions: square the whole gradient
                 m = torch.einsum("nto,nti->noi", g_rot[y], a_rot)
                 lam[name] = lam.get(name, 0.0) + torch.einsum("n,noi->oi", p[:, y], m * m) / n
-    return {name: (bases[name][0], bases[name][1], lam[name]) for name in layers}
+    return {name: (bases[name][0], bases[name][1], lam[name], layers[name]) for name in layers}
 
 
-def _layer_matrix(grads: dict, name: str):
+def _layer_matrix(grads: dict, name: str, transposed: bool = False):
     """Per-example gradients of a layer as (n, out, in[+1]): a convolution's weight flattened to
-    (out, C k k) as its patches are, a bias as the last column."""
+    (out, C k k) as its patches are, a weight stored (in, out) transposed, a bias as the last column."""
 
     w = grads[f"{name}.weight"].double()
     w = w.flatten(2) if w.dim() == 5 else w
+    w = w.transpose(-1, -2) if transposed else w
     b = grads.get(f"{name}.bias")
     return torch.cat([w, b.double()[..., None]], dim=-1) if b is not None else w
 
@@ -308,14 +337,14 @@ def ekfac(problem: Problem, final: TrainState, test_ids, output: str, options: d
     (_, g_test), = per_example_grads(problem, final, ds.x_test[ids], ds.y_test[ids], OUTPUT_FUNCTIONS[output],
                                     chunk=len(ids))
     ihvp = {}
-    for name, (q_a, q_g, lam) in factors.items():
-        v = _layer_matrix(g_test, name)  # (J, out, in+1)
+    for name, (q_a, q_g, lam, transposed) in factors.items():
+        v = _layer_matrix(g_test, name, transposed)  # (J, out, in+1)
         lam_d = lam + (damping * lam.mean() if relative else damping)
         ihvp[name] = q_g @ ((q_g.T @ v @ q_a) / lam_d) @ q_a.T
     out = torch.zeros(ds.n_train, len(test_ids), dtype=torch.float64, device=problem.device)
     for start, g in clock.timed(per_example_grads(problem, final, ds.x_train, ds.y_train, OUTPUT_FUNCTIONS["loss"])):
-        for name in factors:
-            m = _layer_matrix(g, name)  # (n, out, in+1)
+        for name, (*_, transposed) in factors.items():
+            m = _layer_matrix(g, name, transposed)  # (n, out, in+1)
             out[start:start + m.shape[0]] += torch.einsum("noi,joi->nj", m, ihvp[name])
     return -out / ds.n_train
 
@@ -357,28 +386,28 @@ def source_from(problem: Problem, segments: list, test_grads: dict, damping: flo
     clock = clock or Clock()
     ds = problem.dataset
     with clock.training_side():
-        factors = [ekfac_factors(problem, state) for state, _ in segments]
-    layers = list(factors[-1])
-    u = {name: _layer_matrix(test_grads, name) for name in layers}  # grad f, carried back through the segments
+        factors = [ekfac_factors(problem, state, tag) for tag, (state, _) in enumerate(segments)]
+    layers = {name: f[3] for name, f in factors[-1].items()}  # {layer: transposed}
+    u = {name: _layer_matrix(test_grads, name, layers[name]) for name in layers}  # grad f, carried back
     out = torch.zeros(ds.n_train, next(iter(u.values())).shape[0], dtype=torch.float64, device=problem.device)
     for (state, horizon), factor in reversed(list(zip(segments, factors))):
         made_v, carried = {}, {}
         for name in layers:
-            q_a, q_g, lam = factor[name]
+            q_a, q_g, lam, _ = factor[name]
             h = horizon[name] if isinstance(horizon, dict) else horizon
             carry, made = source_filters(lam, h, damping * lam.mean() if relative else damping)
             made_v[name] = _in_eigenbasis(u[name], q_a, q_g, made)
             carried[name] = _in_eigenbasis(u[name], q_a, q_g, carry)
         train_grads = per_example_grads(problem, state, ds.x_train, ds.y_train, OUTPUT_FUNCTIONS["loss"])
         for start, g in clock.timed(train_grads):
-            for name in layers:
-                m = _layer_matrix(g, name)  # (n, out, in+1)
+            for name, transposed in layers.items():
+                m = _layer_matrix(g, name, transposed)  # (n, out, in+1)
                 out[start:start + m.shape[0]] += torch.einsum("noi,joi->nj", m, made_v[name])
         u = carried
     return -out / ds.n_train
 
 
-def _per_layer(problem: Problem, state: TrainState, t: int, horizon: float):
+def _per_layer(problem: Problem, state: TrainState, t: int, horizon: float, layers):
     """A segment's horizon: for Adam, one per layer (linear or convolutional), scaled by the layer's
     mean preconditioner; for SGD with momentum mu, the steady-state step lr / (1 - mu)."""
     cfg = problem.config.optimizer
@@ -386,7 +415,7 @@ def _per_layer(problem: Problem, state: TrainState, t: int, horizon: float):
         return horizon / (1.0 - cfg.momentum)
     c2 = 1.0 - cfg.betas[1] ** max(t, 1)
     out = {}
-    for name in _kfac_layers(state.params):
+    for name in layers:
         nu = [state.opt["nu"][k] for k in (f"{name}.weight", f"{name}.bias") if k in state.opt["nu"]]
         scale = torch.cat([(1.0 / (torch.sqrt(v.double() / c2 + cfg.eps_root) + cfg.eps)).flatten() for v in nu])
         out[name] = horizon * float(scale.mean())
@@ -409,11 +438,12 @@ def source(problem: Problem, final: TrainState, test_ids, output: str, options: 
     with clock.training_side():
         _, kept, _ = problem.run(keep={end for _, end in bounds})
     batch = problem.config.train.batch_size
+    layers = _kfac_layers(problem, final)
     segments = []
     for start, end in bounds:
         lr = _mean_lr(problem, start, end)
         horizon = lr * _step_scale(problem) * batch * (end - start)
-        segments.append((kept[end], _per_layer(problem, kept[end], end, horizon)))
+        segments.append((kept[end], _per_layer(problem, kept[end], end, horizon, layers)))
     (_, g_test), = per_example_grads(problem, final, ds.x_test[ids], ds.y_test[ids], OUTPUT_FUNCTIONS[output],
                                     chunk=len(ids))
     return source_from(problem, segments, g_test, float(options["damping"]), bool(options["relative_damping"]), clock)

@@ -45,29 +45,39 @@ def linear(h, params: dict, name: str, taps=None):
 
 class Taps:
     """For K-FAC (baselines.py): records each tapped layer's input, as (n, positions, features),
-    and adds to its output a zero offset (n, positions, out), made here, whose gradient is the
-    gradient with respect to the layer's output. A linear layer has one position per example (or
-    per token); a convolution one per output pixel, its input features the unfolded patch."""
+    and adds to its output a zero offset, made here, whose gradient is the gradient with respect
+    to the layer's output ((n, positions, out) once reshaped by `output_grad`). A linear layer
+    has one position per example, or per token (any leading dims but the batch are positions); a
+    convolution one per output pixel, its input features the unfolded patch. `transposed` holds
+    the layers whose weight is stored (in, out) (Hugging Face's Conv1D)."""
 
     def __init__(self):
         self.inputs: dict = {}
         self.offsets: dict = {}
+        self.transposed: set = set()
 
     def tap(self, name: str, h, out):
         import torch
 
-        self.inputs[name] = h if h.dim() > 2 else h[:, None]
-        self.offsets[name] = torch.zeros_like(out if out.dim() > 2 else out[:, None], requires_grad=True)
-        return out + (self.offsets[name] if out.dim() > 2 else self.offsets[name][:, 0])
+        self.inputs[name] = h.reshape(h.shape[0], -1, h.shape[-1])
+        self.offsets[name] = torch.zeros_like(out, requires_grad=True)
+        return out + self.offsets[name]
 
-    def tap_conv(self, name: str, x, out, kernel: int, padding: int):
+    def tap_conv(self, name: str, x, out, kernel, padding, stride=1, dilation=1):
         import torch
         import torch.nn.functional as F
 
-        self.inputs[name] = F.unfold(x, kernel, padding=padding).transpose(1, 2)  # (n, H'W', C k k)
+        self.inputs[name] = F.unfold(x, kernel, dilation=dilation, padding=padding,
+                                     stride=stride).transpose(1, 2)  # (n, H'W', C k k)
         n, c, height, width = out.shape
-        self.offsets[name] = torch.zeros(n, height * width, c, dtype=out.dtype, device=out.device, requires_grad=True)
-        return out + self.offsets[name].transpose(1, 2).reshape(n, c, height, width)
+        offset = torch.zeros(n, height * width, c, dtype=out.dtype, device=out.device, requires_grad=True)
+        self.offsets[name] = offset
+        return out + offset.transpose(1, 2).reshape(n, c, height, width)
+
+    @staticmethod
+    def output_grad(grad):
+        """A gradient with respect to an offset as (n, positions, out)."""
+        return grad.reshape(grad.shape[0], -1, grad.shape[-1])
 
 
 def conv2d(x, params: dict, name: str, taps=None, padding: int = 1):

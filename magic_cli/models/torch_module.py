@@ -168,8 +168,14 @@ class ModuleModel:
         return self._frozen_cast[1]
 
     def apply(self, params, buffers, x, train: bool, taps=None):
-        if taps is not None:
-            raise ConfigError("ekfac and source need the built-in models (their K-FAC taps); use another method")
+        hooks = _tap_hooks(self.module, params, taps) if taps is not None else []
+        try:
+            return self._apply(params, buffers, x, train)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _apply(self, params, buffers, x, train: bool):
         sinks = {}
         for name in self.bn_names:
             bn = self.module.get_submodule(name)
@@ -185,6 +191,56 @@ class ModuleModel:
             raise ConfigError(f"the model returned {getattr(out, 'shape', type(out).__name__)}; magic needs logits "
                               f"(B, {self.n_classes}) or (B, L, {self.n_classes}) for a batch of {x.shape[0]}")
         return out, new_buffers
+
+
+def _conv_padding(name: str, conv):
+    """An nn.Conv2d's padding as numbers for F.unfold ('same' and 'valid' resolved)."""
+    if conv.padding_mode != "zeros":
+        raise ConfigError(f"ekfac and source: the model's {name} pads with {conv.padding_mode!r}; "
+                          "K-FAC taps unfold zero-padded convolutions only")
+    if conv.padding == "valid":
+        return 0
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            raise ConfigError(f"ekfac and source: the model's {name} pads 'same' unevenly; "
+                              "give its padding as numbers")
+        return tuple(t // 2 for t in total)
+    return conv.padding
+
+
+def _tap_hooks(module, params: dict, taps) -> list:
+    """Forward hooks that tap (models/layers.Taps) every nn.Linear, nn.Conv2d and Hugging Face
+    Conv1D whose weight is trained, for K-FAC (core/baselines.py); the caller removes them."""
+    import torch
+
+    def linear(name, transposed):
+        if transposed:
+            taps.transposed.add(name)
+        return lambda mod, inputs, out: taps.tap(name, inputs[0], out)
+
+    def conv(name, m):
+        if m.groups != 1:
+            raise ConfigError(f"ekfac and source: the model's {name} is a grouped convolution ({m.groups} groups), "
+                              "which K-FAC taps do not cover; use another method")
+        padding = _conv_padding(name, m)
+        return lambda mod, inputs, out: taps.tap_conv(name, inputs[0], out, m.kernel_size, padding, m.stride,
+                                                      m.dilation)
+
+    chosen = []  # every layer checked before any hook is registered: a refusal leaves none behind
+    for name, m in module.named_modules():
+        if f"{name}.weight" not in params:  # frozen, or the second name of a tied weight
+            continue
+        if isinstance(m, torch.nn.Linear):
+            hook = linear(name, False)
+        elif isinstance(m, torch.nn.Conv2d):
+            hook = conv(name, m)
+        elif type(m).__name__ == "Conv1D" and m.weight.dim() == 2:  # transformers.pytorch_utils.Conv1D
+            hook = linear(name, True)
+        else:
+            continue
+        chosen.append((m, hook))
+    return [m.register_forward_hook(hook) for m, hook in chosen]
 
 
 def module_builder(factory: Callable) -> Callable:
