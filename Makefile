@@ -31,8 +31,10 @@ demo: install  ## the whole pipeline on the embedded default (digits MLP): train
 	$(BIN)/magic score
 	@echo "report: runs/default/report/index.html (and report.md)"
 
-test: install  ## the test suite (fast; what CI runs)
-	$(BIN)/python -m pytest -q -m "not slow and not slurm and not browser"
+TEST_PROCS ?= 2  # pytest-xdist processes; each test file runs whole in one (its module fixtures built once)
+
+test: install  ## the test suite (fast; what CI runs): about 7 minutes on 2 cores
+	$(BIN)/python -m pytest -q -m "not slow and not slurm and not browser" -n $(TEST_PROCS) --dist loadfile
 
 test-slow: install  ## the slow tests only (longer end-to-end checks)
 	$(BIN)/python -m pytest -q -m slow
