@@ -51,3 +51,31 @@ def test_a_compiler_failure_is_one_line(cli, tmp_path, monkeypatch, message, sho
     one_line_error(code, err, f"attribute.compile: torch.compile failed on this model (RuntimeError: {shown})",
                    "run without attribute.compile=true")
     assert not (tmp_path / "attribute" / "magic" / "scores.npy").exists()
+
+
+@pytest.mark.parametrize("case", ["cnn_plugin", "gpt2_lora", pytest.param("gpt2_tied", marks=pytest.mark.slow),
+                                  pytest.param("resnet_plugin", marks=pytest.mark.slow)])  # ~1 min each, compiling
+def test_compiled_equals_eager_on_modules_and_hugging_face_models(cli, tmp_path, case):
+    """The nn.Module adapter (a CNN plugin and the ResNet example: BatchNorm, whose running
+    statistics come back as buffers) and the Hugging Face adapter (tied embeddings; LoRA, whose
+    base weights are frozen constants) compile as one graph; float64 scores agree with eager ones
+    to rounding."""
+    from test_hf import _args
+    from test_plugins import CNN_MODULE, RESNET
+
+    cnn = ["dataset=digits_images", "dataset.test_fraction=0.9", f"plugins=[{CNN_MODULE}]", "model=cnn_small",
+           "model.name=cnn_small_module", "~model.activation", "~model.pool", "~model.head_scale",
+           "model.channels=[2,3]", "train.epochs=1", "train.batch_size=32", "dtype=float64"]
+    args = {"cnn_plugin": cnn, "resnet_plugin": RESNET}.get(case) or _args(tmp_path) + (
+        ["model.lora={r: 2, alpha: 4, targets: [c_attn]}"] if case == "gpt2_lora" else [])
+    run = [*args, f"out_dir={tmp_path / 'run'}"]
+    code, _, err = cli("train", *run)
+    assert code == 0, err
+    scores = []
+    for extra in ([], ["attribute.compile=true", "--overwrite"]):
+        code, _, err = cli("attribute", "--test-ids", "0:3", *run, "attribute.batch_size=3", *extra)
+        assert code == 0, err
+        scores.append(np.load(tmp_path / "run" / "attribute" / "magic" / "scores.npy"))
+    eager, compiled = scores
+    assert np.abs(eager).max() > 0
+    assert np.abs(compiled - eager).max() <= 1e-12 * np.abs(eager).max()

@@ -110,7 +110,7 @@ class ModuleModel:
             raise ConfigError(f"model.trainable={list(self.trainable)} matches none of the model's parameters "
                               f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
         self.frozen: dict = {}  # name -> float64 CPU constant, set by init()
-        self._frozen_cast: tuple = (None, {})  # ((device, dtype), frozen tensors cast to them)
+        self._frozen_cast = None  # (device, dtype) the module's frozen parameters hold, set by _hold_frozen
 
     def _construct(self):
         """The nn.Module, built under the seeded RNG (subclasses build theirs another way)."""
@@ -157,15 +157,28 @@ class ModuleModel:
         aliases = {n for n, _ in module.named_parameters(remove_duplicate=False)}  # + second names of tied ones
         params = {k: as64(state[k]) for k in self.train_names}
         self.frozen = {k: as64(state[k]) for k in unique if k not in params}
-        self._frozen_cast = (None, {})
+        for name in self.frozen:  # constants: outside autograd (set here, never inside a transform)
+            self.module.get_parameter(name).requires_grad_(False)
+        self._frozen_cast = None
         buffers = {k: as64(v) for k, v in state.items() if k not in aliases}
         return params, buffers
 
-    def _frozen_on(self, device, dtype) -> dict:
-        """The frozen constants on the run's device and dtype, cast once (apply is the hot path)."""
-        if self._frozen_cast[0] != (device, dtype):
-            self._frozen_cast = ((device, dtype), {k: v.to(device=device, dtype=dtype) for k, v in self.frozen.items()})
-        return self._frozen_cast[1]
+    def _hold_frozen(self, device, dtype) -> None:
+        """Put the frozen constants, cast to the run's device and dtype, into the module's own
+        (non-trainable) parameters, once per (device, dtype): functional_call then replaces only
+        the trained tensors and the buffers. Held by the module, torch.compile sees them as a
+        module's parameters; passed through functional_call from a dict, its compiled
+        backward-over-backward could not read them (inductor: "Cannot access data pointer of
+        Tensor that doesn't have storage", with LoRA)."""
+        import torch
+
+        if self._frozen_cast == (device, dtype):
+            return
+        with torch.no_grad(), torch._C._DisableFuncTorch():  # the first call may come inside a torch.func transform
+            for name, value in self.frozen.items():
+                param = self.module.get_parameter(name)
+                param.data = value.to(device=device, dtype=dtype)
+        self._frozen_cast = (device, dtype)
 
     def apply(self, params, buffers, x, train: bool, taps=None):
         hooks = _tap_hooks(self.module, params, taps) if taps is not None else []
@@ -180,9 +193,14 @@ class ModuleModel:
         for name in self.bn_names:
             bn = self.module.get_submodule(name)
             bn.sink = sinks.setdefault(name, {})
-        frozen = self._frozen_on(x.device, next(iter(params.values())).dtype)
-        self.module.train(train)
-        out = self._forward({**frozen, **params, **buffers}, x)
+        self._hold_frozen(x.device, next(iter(params.values())).dtype)
+        if self.module.training != train:  # module.train() is a walk over every submodule
+            self.module.train(train)
+        try:
+            out = self._forward({**params, **buffers}, x)
+        finally:  # no module keeps a reference to this call's tensors: under torch.compile one would be a
+            for name in self.bn_names:  # side effect carrying transformed (vmap, grad) tensors out of the graph
+                self.module.get_submodule(name).sink = None
         new_buffers = dict(buffers)
         for name, sink in sinks.items():
             for key, value in sink.items():
