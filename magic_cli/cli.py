@@ -140,6 +140,8 @@ def attribute(
     result = _run("attribute", api.attribute, cfg, test_ids, overwrite=overwrite, progress=rich_progress)
     extra = f", peak {result.peak_states} states, checkpoint={result.checkpoint}" \
         if result.peak_states and result.ids_computed else ""
+    if result.compile_seconds:
+        extra += f", of which {result.compile_seconds:.1f}s compiling (attribute.compile)"
     _console().print(f"{result.method}: {len(result.test_ids)} test ids ({result.ids_computed} computed) in "
                      f"{result.seconds:.2f}s{extra}")
     if result.grown_ids:

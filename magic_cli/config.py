@@ -243,7 +243,9 @@ class AttributeConfig:
     replay_groups: int = 0  # groups of batch_size ids sharing one replay of training (0: all asked)
     # a size ("4GB"): groups as large as fit (up to batch_size), measured on this model (memory.py)
     memory: str | None = None
-    compile: bool = False  # magic: torch.compile the batched backward-over-backward (metagrad.compiled_vjp)
+    # magic: torch.compile the batched backward-over-backward (metagrad.CompiledVJP): true, false,
+    # or auto (when training's FLOPs reach metagrad.AUTO_COMPILE_FLOPS)
+    compile: bool | str = "auto"
     trak: TrakConfig = field(default_factory=TrakConfig)
     ekfac: EkfacConfig = field(default_factory=EkfacConfig)
     tracin: TracinConfig = field(default_factory=TracinConfig)
@@ -258,6 +260,8 @@ class AttributeConfig:
                "attribute.memory must be a size with a unit (B, KB, MB, GB, KiB, MiB, GiB; e.g. 4GB), "
                f"got {self.memory!r}")
         _check(self.replay_groups >= 0, f"attribute.replay_groups must be >= 0, got {self.replay_groups}")
+        _check(isinstance(self.compile, bool) or self.compile == "auto",
+               f"attribute.compile must be true, false or auto, got {self.compile!r}")
 
     @property
     def memory_bytes(self) -> int | None:

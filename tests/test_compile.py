@@ -27,6 +27,9 @@ def test_compiled_scores_are_exact_bit_identical_across_strategies_and_kept_apar
     again, _ = _scores(cli, tmp_path / "run", "checkpoint=all", "attribute.compile=true", "--overwrite")
     assert again.tobytes() == compiled.tobytes()  # every strategy, every rerun: the same bits
     assert side["settings"] != _scores(cli, tmp_path / "eager", "checkpoint=sqrt")[1]["settings"]
+    last = json.loads((tmp_path / "run" / "attribute" / "magic" / "last_run.json").read_text())
+    assert last["compiled"] is True and 0 < last["compile_seconds"] < last["seconds"]
+    assert side["cost"]["compile"] > 0
     code, _, err = cli("attribute", "--test-ids", "0:6", *TINY, f"out_dir={tmp_path / 'run'}")
     one_line_error(code, err, "holds scores computed with other settings")  # never mixed with eager bits
 
@@ -49,7 +52,7 @@ def test_a_compiler_failure_is_one_line(cli, tmp_path, monkeypatch, message, sho
     assert code == 0, err
     code, _, err = cli("attribute", "--test-ids", "0:4", *TINY, f"out_dir={tmp_path}", "attribute.compile=true")
     one_line_error(code, err, f"attribute.compile: torch.compile failed on this model (RuntimeError: {shown})",
-                   "run without attribute.compile=true")
+                   "run with attribute.compile=false")
     assert not (tmp_path / "attribute" / "magic" / "scores.npy").exists()
 
 
@@ -79,3 +82,29 @@ def test_compiled_equals_eager_on_modules_and_hugging_face_models(cli, tmp_path,
     eager, compiled = scores
     assert np.abs(eager).max() > 0
     assert np.abs(compiled - eager).max() <= 1e-12 * np.abs(eager).max()
+
+
+def test_auto_compiles_when_training_reaches_the_flop_threshold(monkeypatch):
+    """attribute.compile=auto is a function of the config: training's matmul FLOPs (forward and
+    backward of one step, times the steps) against metagrad.AUTO_COMPILE_FLOPS."""
+    from conftest import problem_for
+
+    from magic_cli.config import load
+    from magic_cli.core import metagrad
+    from magic_cli.stages.attribute import resolve_compile, settings_of
+
+    problem = problem_for(TINY)  # wine: 13 features -> 8 -> 3 classes, batches of 16, 16 steps
+    # forward 2*B*in*out per layer; backward: the weight gradient, and the input gradient except the first layer's
+    want = (3 * 2 * 16 * 8 * 3 + 2 * 2 * 16 * 13 * 8) * problem.total_steps
+    assert metagrad.training_flops(problem) == want
+    config = load(TINY)
+    assert config.attribute.compile == "auto"
+    assert resolve_compile(config, problem).attribute.compile is False
+    monkeypatch.setattr(metagrad, "AUTO_COMPILE_FLOPS", want)
+    chosen = resolve_compile(config, problem)
+    assert chosen.attribute.compile is True and settings_of(chosen)["options"] == {"compile": True}
+    trak = load([*TINY, "attribute.method=trak"])
+    assert resolve_compile(trak, problem).attribute.compile is False  # the baselines never compile
+    for value in ("true", "false"):
+        chosen = resolve_compile(load([*TINY, f"attribute.compile={value}"]), problem)
+        assert chosen.attribute.compile is (value == "true")

@@ -166,33 +166,82 @@ def reverse_step(problem: Problem, state: TrainState, t: int, lam: TrainState, n
     return s_next, TrainState(ct_params, ct_buffers, ct_opt), beta
 
 
-def compiled_vjp(problem: Problem):
+# attribute.compile=auto compiles when training takes at least this many matmul and convolution
+# FLOPs (training_flops): a pure function of the config, so every command on a run decides alike
+# (compiled and eager scores differ in the last bits). Measured on 2 CPU cores (docs/performance.md):
+# compiling takes 5-70 s once per group size (seconds from torch's on-disk cache), and saves about
+# half of the eager batched pass, which costs 5-25 trainings per group; the shipped experiments
+# at or above 1e10 (digits_cnn 5e10, text_tiny_lm and gpt2_tiny_chars 1.7e11, the ResNet example
+# 1.3e10) gain more than the compile costs, those below (digits_mlp 7e8, breast_cancer_logreg
+# 1e6) gain a second or two.
+AUTO_COMPILE_FLOPS = 1e10
+
+
+def training_flops(problem: Problem) -> float:
+    """Matmul and convolution FLOPs of the training run: one step's forward and backward on the
+    first batch, counted by torch's FlopCounterMode (a function of the shapes), times the steps."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    state, batch = problem.init_state(), problem.batch(0)
+    w = problem.weights[problem.schedule[0].to(problem.device)]
+    with FlopCounterMode(display=False) as counter:
+        problem.grad_fn(state.params, state.buffers, batch.x, batch.y, w)
+    return float(counter.get_total_flops()) * problem.total_steps
+
+
+def should_compile(problem: Problem, setting) -> bool:
+    """attribute.compile resolved: true, false, or auto (training_flops >= AUTO_COMPILE_FLOPS)."""
+    if setting == "auto":
+        return training_flops(problem) >= AUTO_COMPILE_FLOPS
+    return bool(setting)
+
+
+class CompiledVJP:
     """(params, buffers, x, y, w, (ct_grads, ct_buffers)) -> (J cotangents of params, of buffers,
     of w), the vmapped VJP of the gradient as one torch.compile'd function: the inductor fuses the
-    elementwise work of the backward-over-backward that dominates the eager step (README,
-    `attribute.compile`). Make one per command: it is recompiled for each new shape (a group of
-    another size); a failure to compile is one line."""
-    def fn(params, buffers, x, y, w, cotangents):
-        _, pullback = vjp(lambda p, b, w_: problem.grad_fn(p, b, x, y, w_), params, buffers, w)
-        return vmap(pullback)(cotangents)
+    elementwise work of the backward-over-backward that dominates the eager step
+    (docs/performance.md, `attribute.compile`). Make one per command: it is recompiled for each
+    new shape (a group of another size); a failure to compile is one line.
 
-    # One compiler state per command: a fresh cache (its recompile limit then counts this
-    # command's group sizes only), the whole function as one graph (no silent eager pieces), and
-    # a failure rather than a silent fallback to eager once the limit is hit.
-    torch._dynamo.reset()
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
-    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+    `compile_seconds`: the time spent compiling, estimated per shape as its first call's seconds
+    less its second's (the first call compiles, then runs as the second does)."""
 
-    def run(params, buffers, x, y, w, cotangents):
+    def __init__(self, problem: Problem):
+        def fn(params, buffers, x, y, w, cotangents):
+            _, pullback = vjp(lambda p, b, w_: problem.grad_fn(p, b, x, y, w_), params, buffers, w)
+            return vmap(pullback)(cotangents)
+
+        # One compiler state per command: a fresh cache (its recompile limit then counts this
+        # command's group sizes only), the whole function as one graph (no silent eager pieces), and
+        # a failure rather than a silent fallback to eager once the limit is hit.
+        torch._dynamo.reset()
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+        self._compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+        self._calls: dict = {}  # shape -> calls so far
+        self.compile_seconds = 0.0
+        self._sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def __call__(self, params, buffers, x, y, w, cotangents):
+        shape = (tuple(x.shape), next(iter(torch.utils._pytree.tree_leaves(cotangents))).shape[0])
+        calls = self._calls.get(shape, 0)
+        self._calls[shape] = calls + 1
+        begin = time.perf_counter()
         try:
-            return compiled(params, buffers, x, y, w, cotangents)
+            out = self._compiled(params, buffers, x, y, w, cotangents)
         except Exception as e:  # any compiler failure (no C++ compiler, an op inductor cannot lower...)
             lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
             first = lines[1] if lines[0].endswith("raised:") and len(lines) > 1 else lines[0]  # the backend's own
             raise ConfigError(f"attribute.compile: torch.compile failed on this model ({type(e).__name__}: "
-                              f"{first[:200]}); run without attribute.compile=true") from None
+                              f"{first[:200]}); run with attribute.compile=false") from None
+        if calls < 2:
+            self._sync()
+            seconds = time.perf_counter() - begin
+            self.compile_seconds += seconds if calls == 0 else -min(seconds, self.compile_seconds)
+        return out
 
-    return run
+
+def compiled_vjp(problem: Problem) -> CompiledVJP:
+    return CompiledVJP(problem)
 
 
 def _grad_vjp_autograd(problem: Problem, state: TrainState, batch, w):

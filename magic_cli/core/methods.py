@@ -45,6 +45,7 @@ class PassResult:
     peak_states: int = 0  # training states held at once (MAGIC)
     forward_steps: int = 0  # training steps recomputed (MAGIC)
     fixed_seconds: float = 0.0  # of the pass, the training set's side: what does not grow with the test ids
+    compile_seconds: float = 0.0  # of the pass, compiling (MAGIC with attribute.compile): once per group size
 
 
 class Attributor(Protocol):
@@ -70,6 +71,8 @@ class Magic:
 
     def settings(self, config) -> dict:
         # compiled scores have other last bits than eager ones: never merged into one folder
+        if not isinstance(config.attribute.compile, bool):
+            raise ValueError("attribute.compile must be resolved (stages.attribute.resolve_compile) first")
         return {"compile": True} if config.attribute.compile else {}
 
     def plan(self, config, problem, state, n_ids) -> GroupPlan:
@@ -93,10 +96,12 @@ class Magic:
         vjp = compiled_vjp(problem) if config.attribute.compile else None  # one per command, per group size
 
         def run(passes, output, progress=None) -> PassResult:
+            compiling = vjp.compile_seconds if vjp is not None else 0.0
             results, stats = reverse_pass(problem, final, stored, config.checkpoint.name, checkpoint_param, passes,
                                           output, progress=progress, batched_vjp=vjp)
+            compiled = (vjp.compile_seconds - compiling) if vjp is not None else 0.0
             return PassResult([r.cpu().numpy() for r in results], stats.growth, stats.peak_states,
-                              stats.forward_steps)
+                              stats.forward_steps, compile_seconds=compiled)
 
         return run
 

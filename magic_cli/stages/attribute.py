@@ -75,8 +75,20 @@ def attribute_stage(config: Config, run: RunDir, test_ids_spec: str, overwrite: 
         # the values `magic tune` chose, unless given on the command line (a cluster job's config has them)
         tuned, applied = with_tuned(config, run, record) if apply_tuning else (config, {})
         problem = assemble(tuned)
+        tuned = resolve_compile(tuned, problem)
         result = _attribute(tuned, run, record, problem, test_ids_spec, overwrite, progress_factory)
         return dataclasses.replace(result, tuned=applied)
+
+
+def resolve_compile(config, problem):
+    """The config with attribute.compile=auto replaced by what it means for this problem
+    (metagrad.should_compile: a function of the config alone, so every command agrees); the
+    baselines never compile."""
+    setting = config.attribute.compile
+    if isinstance(setting, bool):
+        return config
+    chosen = config.attribute.method == "magic" and metagrad.should_compile(problem, setting)
+    return dataclasses.replace(config, attribute=dataclasses.replace(config.attribute, compile=chosen))
 
 
 def settings_of(config) -> dict:
@@ -102,6 +114,7 @@ class AttributeResult:
     test_ids: tuple[int, ...]  # requested, in the order given
     ids_computed: int  # of them, computed by this command (the others were valid already)
     seconds: float
+    compile_seconds: float  # of `seconds`, compiling (attribute.compile): once per group size and process
     steps: int  # training steps T
     batch_size: int  # test ids per group
     peak_states: int  # training states held at once (MAGIC's reverse pass; 0 for the baselines)
@@ -128,7 +141,7 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
     groups = [ids[i:i + size] for i in range(0, len(ids), size)]
     todo = [g for g in groups if overwrite or any(status(run.test_scores(method, i), {**key, "test_id": i}) != "ok"
                                                   for i in g)]
-    seconds, peak_states, forward_steps = 0.0, 0, 0
+    seconds, compile_seconds, peak_states, forward_steps = 0.0, 0.0, 0, 0
     param = checkpoint_param(config, template)  # binomial's memory in bytes -> states
     computed, failed = sum(map(len, todo)), None
     if todo and config.launcher.name == "slurm":  # one array task per group, each writing its own files
@@ -154,15 +167,18 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
             forward_steps += result.forward_steps
             pass_seconds = time.perf_counter() - begin
             seconds += pass_seconds
+            compile_seconds += result.compile_seconds
             for group, scores, grown in zip(passes, result.scores, result.growth):
                 for j, test_id in enumerate(group):
                     save_artifact(run.test_scores(method, test_id), npy_bytes(scores[j]),
                                   {**key, "test_id": test_id, "group": group, "seconds": pass_seconds / n_ids,
-                                   "pass": {"ids": n_ids, "seconds": pass_seconds, "fixed": result.fixed_seconds},
+                                   "pass": {"ids": n_ids, "seconds": pass_seconds, "fixed": result.fixed_seconds,
+                                            "compile": result.compile_seconds},
                                    "adjoint_growth": grown[j]})
     invocation = {
         "method": method, "output": output, "test_ids": ids, "ids_computed": computed,
-        "seconds": seconds, "peak_states": peak_states, "forward_steps": forward_steps,
+        "seconds": seconds, "compile_seconds": compile_seconds, "compiled": config.attribute.compile is True,
+        "peak_states": peak_states, "forward_steps": forward_steps,
         "steps": problem.total_steps, "batch_size": size,
         "cost_batch": size if attributor.walks_training else None,
         **({"memory": plan.memory.as_dict()} if plan.memory else {}),
@@ -180,7 +196,8 @@ def _attribute(config, run, record, problem, test_ids_spec, overwrite, progress_
     growth = [grown[i] for i in ids if grown.get(i) is not None]
     return AttributeResult(
         method=method, output=output, test_ids=tuple(ids), ids_computed=computed, seconds=seconds,
-        steps=problem.total_steps, batch_size=size, peak_states=peak_states, forward_steps=forward_steps,
+        compile_seconds=compile_seconds, steps=problem.total_steps, batch_size=size, peak_states=peak_states,
+        forward_steps=forward_steps,
         checkpoint=config.checkpoint.name, scores_path=run.scores_npy(method), shape=tuple(side["shape"]),
         merged_ids=len(side["test_ids"]), adjoint_growth=max(growth) if growth else None,
         grown_ids=tuple(i for i in ids if (grown.get(i) or 0) > metagrad.GROWTH_WARN))
@@ -246,7 +263,8 @@ def cost_split(records: list, batch: int | None) -> dict | None:
     """{fixed, per_id, batch}: a method's seconds split into the part of a pass that does not grow
     with its test ids (the training set's side: a baseline's training gradients and factors) and
     the rest per test id, from the per-id records (None for records written without it); batch:
-    the ids a pass takes (MAGIC's attribute.batch_size; None: any number, the baselines)."""
+    the ids a pass takes (MAGIC's attribute.batch_size; None: any number, the baselines); compile:
+    the seconds spent compiling (MAGIC with attribute.compile), in neither of the others."""
     passes = {}
     for r in records:
         if "pass" not in r:
@@ -256,8 +274,10 @@ def cost_split(records: list, batch: int | None) -> dict | None:
         return None
     ids = sum(p["ids"] for p in passes.values())
     fixed = sum(p["fixed"] for p in passes.values())
-    return {"fixed": fixed / len(passes), "per_id": (sum(p["seconds"] for p in passes.values()) - fixed) / ids,
-            "batch": batch}
+    compiling = sum(p.get("compile", 0.0) for p in passes.values())
+    return {"fixed": fixed / len(passes),
+            "per_id": (sum(p["seconds"] for p in passes.values()) - fixed - compiling) / ids,
+            "batch": batch, "compile": compiling}
 
 
 def load_scores(run, method: str, fingerprint: str):

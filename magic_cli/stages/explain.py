@@ -54,7 +54,7 @@ from magic_cli.run_dir import (
     status,
 )
 from magic_cli.stages.assemble import assemble, load_data_weights
-from magic_cli.stages.attribute import load_scores, settings_of
+from magic_cli.stages.attribute import load_scores, resolve_compile, settings_of
 from magic_cli.stages.checkpoints import load_final
 from magic_cli.stages.ground_truth import init_worker, worker
 from magic_cli.stages.groups import resolve_groups, unit_of
@@ -132,6 +132,7 @@ def explain_stage(config: Config, run: RunDir, test_ids_spec: str, k: int = 8, v
         run.clean(exclusive=False)
         record = run.require_trained(config)
         problem = assemble(config)
+        config = resolve_compile(config, problem)
         return _explain(config, run, record, problem, test_ids_spec, k, verify, workers, progress_factory, groups)
 
 
