@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKERS ?= $(shell nproc 2>/dev/null || echo 1)  # retraining processes for the ground truth
 
-.PHONY: help install demo test test-slow test-slurm test-browser lint bench clean
+.PHONY: help install install-peer demo test test-slow test-slurm test-browser lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,6 +48,10 @@ test-browser: install  ## the report page in headless Chromium (installs Debian'
 	command -v chromium >/dev/null || { apt-get install -y -q --no-install-recommends chromium >/dev/null || \
 	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; }
 	$(BIN)/python -m pytest -q -m browser
+
+install-peer: install  ## bergson 2.5.1 for scripts/bench_peer.py (its torchaudio pin would replace torch: left out)
+	$(BIN)/python -m pip install -e '.[peer]'
+	$(BIN)/python -m pip install --no-deps 'bergson==2.5.1'
 
 lint: install  ## ruff
 	$(BIN)/ruff check magic_cli tests scripts
