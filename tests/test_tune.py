@@ -129,3 +129,31 @@ def test_one_validation_split_per_run_and_cluster_jobs_keep_the_submitters_value
     assert attribute_job(str(out.parent), submitted.raw, [20, 21]) == 2
     side = json.loads((out / "attribute" / "ekfac" / "scores.json").read_text())
     assert {20, 21} <= set(side["test_ids"]) and side["options"] == {**side["options"], **applied}
+
+
+@pytest.mark.parametrize("method, grid", [("ekfac", {"damping": [1e-3, 1e-2], "relative_damping": [False]}),
+                                          ("source", {"segments": [1, 2], "damping": [1e-3, 1e-2]})])
+def test_grid_points_share_factors_and_give_the_scores_of_a_fresh_run(monkeypatch, method, grid):
+    """magic tune keeps EK-FAC's and SOURCE's states and factors across its grid (they do not
+    depend on the damping): each point's scores are bit-equal to the point computed alone, and the
+    factors are computed once per segment count."""
+    from conftest import TINY, problem_for
+
+    from magic_cli.config import with_values
+    from magic_cli.core import baselines
+    from magic_cli.core.methods import ATTRIBUTORS
+    from magic_cli.stages.tune import grid_points
+
+    problem = problem_for(TINY)
+    final = problem.run()[0]
+    calls = []
+    real = baselines.ekfac_factors
+    monkeypatch.setattr(baselines, "ekfac_factors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    memo = {}
+    for values in grid_points(grid):
+        cfg = with_values(problem.config, [f"attribute.{method}.{k}={v}" for k, v in values.items()])
+        shared = ATTRIBUTORS[method].prepare(problem, final, {}, cfg, 0, memo=memo)([[0, 3]], "loss").scores[0]
+        alone = ATTRIBUTORS[method].prepare(problem, final, {}, cfg, 0)([[0, 3]], "loss").scores[0]
+        assert shared.tobytes() == alone.tobytes()
+    # shared: once (EK-FAC), once per segment of 1 and of 2 segments (SOURCE); alone: every point again
+    assert len(calls) == {"ekfac": 1 + 2, "source": (1 + 2) + (1 + 1 + 2 + 2)}[method]

@@ -80,6 +80,17 @@ class Clock:
 _END = object()
 
 
+def memoized(memo: dict | None, key: tuple, compute: Callable):
+    """compute(), or its value under `key` in `memo`: what a caller evaluating several
+    hyperparameter values on one trained run (magic tune) shares between them. The key names
+    everything the value depends on besides that run; None computes every time."""
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
 def per_example_grads(problem: Problem, state: TrainState, x, y, fn: Callable, chunk: int = CHUNK):
     """Yield (start, {param: (n, *shape)}) per-example gradients of fn(logits, y) in eval mode."""
 
@@ -327,12 +338,13 @@ def _layer_matrix(grads: dict, name: str, transposed: bool = False):
     return torch.cat([w, b.double()[..., None]], dim=-1) if b is not None else w
 
 
-def ekfac(problem: Problem, final: TrainState, test_ids, output: str, options: dict, clock: Clock | None = None):
+def ekfac(problem: Problem, final: TrainState, test_ids, output: str, options: dict, clock: Clock | None = None,
+          memo: dict | None = None):
     ds = problem.dataset
     ids = torch.as_tensor(test_ids, device=problem.device)
     clock = clock or Clock()
     with clock.training_side():
-        factors = ekfac_factors(problem, final)
+        factors = memoized(memo, ("ekfac-factors",), lambda: ekfac_factors(problem, final))
     damping, relative = float(options["damping"]), bool(options["relative_damping"])
     (_, g_test), = per_example_grads(problem, final, ds.x_test[ids], ds.y_test[ids], OUTPUT_FUNCTIONS[output],
                                     chunk=len(ids))
@@ -378,7 +390,7 @@ def _in_eigenbasis(v, q_a, q_g, scale):
 
 
 def source_from(problem: Problem, segments: list, test_grads: dict, damping: float, relative: bool,
-                clock: Clock | None = None):
+                clock: Clock | None = None, factors: list | None = None):
     """SOURCE scores (N, J) from the segments [(state at the segment's end, horizon a * K: a number, or
     one per layer)], first to last, and the test gradients at the final state: -(1/N) sum over segments l of
     < made_l(H_l) carry_{l+1..L}(H) grad f, grad l_i(theta_l) >, with H_l the EK-FAC Gauss-Newton
@@ -386,7 +398,8 @@ def source_from(problem: Problem, segments: list, test_grads: dict, damping: flo
     clock = clock or Clock()
     ds = problem.dataset
     with clock.training_side():
-        factors = [ekfac_factors(problem, state, tag) for tag, (state, _) in enumerate(segments)]
+        if factors is None:  # the segments' EK-FAC factors (given: computed for these states before)
+            factors = [ekfac_factors(problem, state, tag) for tag, (state, _) in enumerate(segments)]
     layers = {name: f[3] for name, f in factors[-1].items()}  # {layer: transposed}
     u = {name: _layer_matrix(test_grads, name, layers[name]) for name in layers}  # grad f, carried back
     out = torch.zeros(ds.n_train, next(iter(u.values())).shape[0], dtype=torch.float64, device=problem.device)
@@ -422,7 +435,8 @@ def _per_layer(problem: Problem, state: TrainState, t: int, horizon: float, laye
     return out
 
 
-def source(problem: Problem, final: TrainState, test_ids, output: str, options: dict, clock: Clock | None = None):
+def source(problem: Problem, final: TrainState, test_ids, output: str, options: dict, clock: Clock | None = None,
+           memo: dict | None = None):
     """SOURCE (Bae et al. 2024): training split into `segments` equal runs of steps, each with the
     EK-FAC curvature, training gradients and effective step size at its end: the schedule's mean
     learning rate (per example a share c * B of a batch, c = 1/B for mean reduction), times, for
@@ -436,7 +450,8 @@ def source(problem: Problem, final: TrainState, test_ids, output: str, options: 
         raise ConfigError(f"attribute.source.segments={n_segments} exceeds the {problem.total_steps} training steps")
     bounds = segment_bounds(problem.total_steps, n_segments)
     with clock.training_side():
-        _, kept, _ = problem.run(keep={end for _, end in bounds})
+        _, kept, _ = memoized(memo, ("source-states", n_segments),
+                              lambda: problem.run(keep={end for _, end in bounds}))
     batch = problem.config.train.batch_size
     layers = _kfac_layers(problem, final)
     segments = []
@@ -446,4 +461,8 @@ def source(problem: Problem, final: TrainState, test_ids, output: str, options: 
         segments.append((kept[end], _per_layer(problem, kept[end], end, horizon, layers)))
     (_, g_test), = per_example_grads(problem, final, ds.x_test[ids], ds.y_test[ids], OUTPUT_FUNCTIONS[output],
                                     chunk=len(ids))
-    return source_from(problem, segments, g_test, float(options["damping"]), bool(options["relative_damping"]), clock)
+    with clock.training_side():
+        factors = memoized(memo, ("source-factors", n_segments),
+                           lambda: [ekfac_factors(problem, state, tag) for tag, (state, _) in enumerate(segments)])
+    return source_from(problem, segments, g_test, float(options["damping"]), bool(options["relative_damping"]), clock,
+                       factors)

@@ -59,7 +59,7 @@ class Attributor(Protocol):
     def passes(self, groups: list[list[int]], config: "Config", plan: GroupPlan) -> list[list[list[int]]]: ...
 
     def prepare(self, problem: Problem, final: TrainState, stored: dict, config: "Config",
-                checkpoint_param: int) -> Callable[..., PassResult]: ...
+                checkpoint_param: int, memo: dict | None = None) -> Callable[..., PassResult]: ...
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Magic:
             share = 1
         return [groups[i:i + share] for i in range(0, len(groups), share)]
 
-    def prepare(self, problem, final, stored, config, checkpoint_param) -> Callable[..., PassResult]:
+    def prepare(self, problem, final, stored, config, checkpoint_param, memo=None) -> Callable[..., PassResult]:
         vjp = compiled_vjp(problem) if config.attribute.compile else None  # one per command, per group size
 
         def run(passes, output, progress=None) -> PassResult:
@@ -113,6 +113,7 @@ class Baseline:
     name: str
     fn: Callable  # (problem, final, test_ids, output, options, clock) -> (N, J) tensor
     options_of: Callable = lambda config: {}  # noqa: E731  (its hyperparameters from the config)
+    shares: bool = False  # fn takes `memo`: what several of its hyperparameter values share (magic tune)
     walks_training: bool = False
 
     def settings(self, config) -> dict:
@@ -124,12 +125,15 @@ class Baseline:
     def passes(self, groups, config, plan) -> list:
         return [[group] for group in groups]
 
-    def prepare(self, problem, final, stored, config, checkpoint_param) -> Callable[..., PassResult]:
+    def prepare(self, problem, final, stored, config, checkpoint_param, memo=None) -> Callable[..., PassResult]:
+        """`memo`: a dict kept across calls on one trained run and output (magic tune's grid), in
+        which EK-FAC and SOURCE keep what their hyperparameters do not change (states, factors)."""
         options = self.settings(config)
+        shared = {"memo": memo} if self.shares else {}
 
         def run(passes, output, progress=None) -> PassResult:
             clock = baselines.Clock()
-            scores = [self.fn(problem, final, group, output, options, clock).T.to(problem.dtype).cpu().numpy()
+            scores = [self.fn(problem, final, group, output, options, clock, **shared).T.to(problem.dtype).cpu().numpy()
                       for group in passes]
             return PassResult(scores, [[None] * len(group) for group in passes], fixed_seconds=clock.fixed)
 
@@ -141,8 +145,9 @@ ATTRIBUTORS: dict[str, Attributor] = {
     "grad-dot": Baseline("grad-dot", baselines.grad_dot),
     "tracin": Baseline("tracin", baselines.tracin, lambda config: dataclasses.asdict(config.attribute.tracin)),
     "trak": Baseline("trak", baselines.trak, lambda config: dataclasses.asdict(config.attribute.trak)),
-    "ekfac": Baseline("ekfac", baselines.ekfac, lambda config: dataclasses.asdict(config.attribute.ekfac)),
-    "source": Baseline("source", baselines.source, lambda config: dataclasses.asdict(config.attribute.source)),
+    "ekfac": Baseline("ekfac", baselines.ekfac, lambda config: dataclasses.asdict(config.attribute.ekfac), shares=True),
+    "source": Baseline("source", baselines.source, lambda config: dataclasses.asdict(config.attribute.source),
+                       shares=True),
 }
 assert tuple(ATTRIBUTORS) == METHODS, "the registry and magic_cli.names.METHODS list the same methods"
 

@@ -39,7 +39,7 @@ class Trial:
     values: dict  # the grid point: key -> value
     lds: float  # mean over drop fractions of the mean validation LDS
     per_drop: dict  # drop fraction -> mean validation LDS
-    seconds: float
+    seconds: float  # what the grid's points share (EK-FAC's, SOURCE's factors) counted in the first that made it
     skipped: str = ""  # why this point could not run here ("" if it ran)
 
 
@@ -116,13 +116,14 @@ def _tune(config, run, record, method, grid, progress_factory) -> TuneResult:
     w0 = load_data_weights(config.train.data_weights, n_train) if config.train.data_weights else None
     final = load_final(problem, run, record)
     points = grid_points(grid)
+    memo: dict = {}  # states and curvature factors the grid's points share (EK-FAC, SOURCE)
     trials = []
     with (progress_factory or no_progress)(f"tune {method} ({len(points)} points)", len(points)) as advance:
         for n, values in enumerate(points, start=1):
             began = time.perf_counter()
             cfg = with_values(config, [f"attribute.{method}.{k}={json.dumps(v)}" for k, v in values.items()])
             try:
-                run_method = ATTRIBUTORS[method].prepare(problem, final, {}, cfg, 0)
+                run_method = ATTRIBUTORS[method].prepare(problem, final, {}, cfg, 0, memo=memo)
                 scores = run_method([ids], cfg.attribute.output).scores[0].T  # (N, J)
             except ConfigError as e:  # a point this run cannot have (more TRAK checkpoints than epochs)
                 trials.append(Trial(values, float("nan"), {}, 0.0, skipped=str(e)))
