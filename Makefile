@@ -49,9 +49,12 @@ test-browser: install  ## the report page in headless Chromium (installs Debian'
 	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; }
 	$(BIN)/python -m pytest -q -m browser
 
-install-peer: install  ## bergson 2.5.1 for scripts/bench_peer.py (its torchaudio pin would replace torch: left out)
-	$(BIN)/python -m pip install -e '.[peer]'
-	$(BIN)/python -m pip install --no-deps 'bergson==2.5.1'
+PEER := .venv-peer  # bergson's environment, apart from .venv (its transformers and datasets never reach the tests)
+
+install-peer:  ## .venv-peer: magic and bergson 2.5.1 for scripts/bench_peer.py (bergson's torchaudio pin would replace torch: left out)
+	test -d $(PEER) || $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/python -m pip install -e '.[hf,files,peer]'
+	$(PEER)/bin/python -m pip install --no-deps 'bergson==2.5.1'
 
 lint: install  ## ruff
 	$(BIN)/ruff check magic_cli tests scripts

@@ -108,3 +108,23 @@ def test_auto_compiles_when_training_reaches_the_flop_threshold(monkeypatch):
     for value in ("true", "false"):
         chosen = resolve_compile(load([*TINY, f"attribute.compile={value}"]), problem)
         assert chosen.attribute.compile is (value == "true")
+
+
+def test_auto_keeps_the_choice_the_folder_holds(cli, tmp_path, monkeypatch):
+    """Scores computed eagerly stay usable under auto even where the rule now says compile (the
+    folder's choice wins for the same training run); the refusal of other settings names
+    attribute.compile."""
+    from magic_cli.core import metagrad
+
+    args = [*TINY, f"out_dir={tmp_path}"]
+    assert cli("train", *args)[0] == 0
+    code, _, err = cli("attribute", "--test-ids", "0:2", *args, "attribute.compile=false")
+    assert code == 0, err
+    monkeypatch.setattr(metagrad, "AUTO_COMPILE_FLOPS", 1.0)  # the rule would compile now
+    code, _, err = cli("attribute", "--test-ids", "2:4", *args)
+    assert code == 0, err
+    side = json.loads((tmp_path / "attribute" / "magic" / "scores.json").read_text())
+    assert side["test_ids"] == [0, 1, 2, 3]
+    assert json.loads((tmp_path / "attribute" / "magic" / "last_run.json").read_text())["compiled"] is False
+    code, _, err = cli("attribute", "--test-ids", "0:2", *args, "attribute.compile=true")
+    one_line_error(code, err, "holds scores computed with other settings", "attribute.compile")

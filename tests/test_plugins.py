@@ -238,3 +238,43 @@ def test_init_from_of_the_wrong_shape_is_one_line(cli, tmp_path):
     torch.save({"0.weight": torch.zeros(3, 3)}, tmp_path / "w.pt")
     code, _, err = cli("train", *MLP, f"+model.init_from={tmp_path / 'w.pt'}", f"out_dir={tmp_path / 'run'}")
     assert code == 2 and "0.weight has shape (3, 3)" in err, err
+
+
+def test_kfac_taps_refuse_what_they_cannot_cover_and_skip_tied_weights():
+    """A tied weight under a Linear's name (its other use an embedding) is not tapped; a layer run
+    twice in one forward, or fed a non-batch-first input, is one line; a module built in eval mode
+    is switched to one mode throughout."""
+    from torch import nn
+
+    from magic_cli.errors import ConfigError
+    from magic_cli.models.layers import Taps
+    from magic_cli.models.torch_module import ModuleModel, _tap_hooks
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 5)
+            self.emb = nn.Embedding(5, 4)
+            self.emb.weight = self.head.weight
+            self.mid = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.head(self.mid(self.emb(x)))
+
+    module, taps = Tied(), Taps(batch=2)
+    params = dict(module.named_parameters())
+    hooks = _tap_hooks(module, params, taps)
+    module(torch.tensor([[1, 2], [3, 4]]))
+    for hook in hooks:
+        hook.remove()
+    assert sorted(taps.offsets) == ["mid"]
+    with pytest.raises(ConfigError, match="runs more than once"):
+        taps.tap("mid", torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))
+    with pytest.raises(ConfigError, match="batch-first"):
+        Taps(batch=2).tap("mid", torch.zeros(3, 2, 4), torch.zeros(3, 2, 4))
+
+    def eval_bn(input_shape, n_classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, n_classes)).eval()
+
+    model = ModuleModel(eval_bn, (1, 8, 8), 10, {}, None, ("*",))
+    assert all(m.training for m in model.module.modules())

@@ -38,7 +38,8 @@ from typing import Callable
 import torch
 from torch.func import grad, vmap
 
-from magic_cli.core.losses import OUTPUT_FUNCTIONS
+from magic_cli.contracts import IGNORE
+from magic_cli.core.losses import OUTPUT_FUNCTIONS, per_example_loss
 from magic_cli.core.optim import lr_factor
 from magic_cli.core.problem import Problem, TrainState
 from magic_cli.determinism import generator
@@ -238,7 +239,7 @@ def _kfac_layers(problem: Problem, state: TrainState) -> dict:
     pixel), Hugging Face's Conv1D (a linear layer stored (in, out): transposed). Other parameters
     (embeddings, normalisation scales and shifts, tied weights) are left out of the curvature and
     of the gradients' inner products, as kronfluence leaves out the modules it does not track."""
-    taps = Taps()
+    taps = Taps(batch=1)
     with torch.enable_grad():
         problem.model.apply(state.params, state.buffers, problem.dataset.x_train[:1], train=False, taps=taps)
     layers = {name: name in taps.transposed for name in taps.offsets if f"{name}.weight" in state.params}
@@ -251,8 +252,6 @@ def _sampled_labels(logits, y, gen):
     """One label per supervised position drawn from the model's distribution (IGNORE elsewhere):
     a sequence's true Fisher is an expectation over V^T label sequences, estimated with one draw
     per position (as kronfluence does); a classifier's is enumerated exactly instead."""
-    from magic_cli.contracts import IGNORE
-
     p = torch.softmax(logits.detach().double().reshape(-1, logits.shape[-1]), -1).cpu()
     drawn = torch.multinomial(p, 1, generator=gen).view(y.shape).to(y.device)
     return torch.where(y == IGNORE, y, drawn)
@@ -269,24 +268,24 @@ def _layer_factors(problem: Problem, state: TrainState, layers, chunk: int = CHU
     tokens) at labels drawn from the model (_sampled_labels, seeded by the run's seed and `tag`:
     the same draws in both passes of ekfac_factors), with p = 1.
     """
-    from magic_cli.core.losses import per_example_loss
-
     ds = problem.dataset
     gen = generator(problem.config.seed, "kfac-labels", tag)
     for start in range(0, ds.n_train, chunk):
         x = ds.x_train[start:start + chunk]
         with torch.enable_grad():
-            taps = Taps()
+            taps = Taps(batch=x.shape[0])
             logits, _ = problem.model.apply(state.params, state.buffers, x, train=False, taps=taps)
             offsets = [taps.offsets[n] for n in layers]
             if logits.dim() == 2:
                 log_p = torch.log_softmax(logits, dim=-1)
-                grads = [torch.autograd.grad(-log_p[:, y].sum(), offsets, retain_graph=True)
+                grads = [torch.autograd.grad(-log_p[:, y].sum(), offsets, retain_graph=True, allow_unused=True,
+                                             materialize_grads=True)  # a layer off the output's path: 0
                          for y in range(logits.shape[1])]
                 p = log_p.detach().double().exp()
             else:
                 drawn = _sampled_labels(logits, ds.y_train[start:start + chunk], gen)
-                grads = [torch.autograd.grad(per_example_loss(logits, drawn).sum(), offsets)]
+                grads = [torch.autograd.grad(per_example_loss(logits, drawn).sum(), offsets, allow_unused=True,
+                                             materialize_grads=True)]
                 p = torch.ones(x.shape[0], 1, dtype=torch.float64, device=logits.device)
         a_bar = {}
         for name in layers:

@@ -93,7 +93,7 @@ class Magic:
         return [groups[i:i + share] for i in range(0, len(groups), share)]
 
     def prepare(self, problem, final, stored, config, checkpoint_param, memo=None) -> Callable[..., PassResult]:
-        vjp = compiled_vjp(problem) if config.attribute.compile else None  # one per command, per group size
+        vjp = compiled_vjp(problem) if config.attribute.compile is True else None  # one per command, per group size
 
         def run(passes, output, progress=None) -> PassResult:
             compiling = vjp.compile_seconds if vjp is not None else 0.0

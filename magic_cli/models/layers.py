@@ -51,14 +51,24 @@ class Taps:
     convolution one per output pixel, its input features the unfolded patch. `transposed` holds
     the layers whose weight is stored (in, out) (Hugging Face's Conv1D)."""
 
-    def __init__(self):
+    def __init__(self, batch: int | None = None):
+        self.batch = batch  # examples in the forward: every tapped input's first dim (None: not checked)
         self.inputs: dict = {}
         self.offsets: dict = {}
         self.transposed: set = set()
 
+    def _check(self, name: str, h) -> None:
+        if name in self.inputs:
+            raise ConfigError(f"ekfac and source: layer {name} runs more than once in a forward (a shared "
+                              "layer), which K-FAC taps do not cover; use another method")
+        if self.batch is not None and h.shape[0] != self.batch:
+            raise ConfigError(f"ekfac and source: layer {name} gets input {tuple(h.shape)} whose first dim is not "
+                              f"the batch ({self.batch}); K-FAC taps need batch-first layers")
+
     def tap(self, name: str, h, out):
         import torch
 
+        self._check(name, h)
         self.inputs[name] = h.reshape(h.shape[0], -1, h.shape[-1])
         self.offsets[name] = torch.zeros_like(out, requires_grad=True)
         return out + self.offsets[name]
@@ -67,6 +77,7 @@ class Taps:
         import torch
         import torch.nn.functional as F
 
+        self._check(name, x)
         self.inputs[name] = F.unfold(x, kernel, dilation=dilation, padding=padding,
                                      stride=stride).transpose(1, 2)  # (n, H'W', C k k)
         n, c, height, width = out.shape

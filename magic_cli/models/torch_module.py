@@ -104,6 +104,7 @@ class ModuleModel:
         self.init_from, self.trainable = init_from, tuple(trainable)
         self.module = self._build(seed=0)
         self.bn_names = _make_pure(self.module)
+        self.module.train(True)  # one mode for every submodule (apply switches the root's, so all follow)
         names = [n for n, _ in self.module.named_parameters()]  # a tied parameter under its first name only
         self.train_names = [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in self.trainable)]
         if not self.train_names:
@@ -194,7 +195,7 @@ class ModuleModel:
             bn = self.module.get_submodule(name)
             bn.sink = sinks.setdefault(name, {})
         self._hold_frozen(x.device, next(iter(params.values())).dtype)
-        if self.module.training != train:  # module.train() is a walk over every submodule
+        if self.module.training != train:  # module.train() walks every submodule; all share the root's mode
             self.module.train(train)
         try:
             out = self._forward({**params, **buffers}, x)
@@ -232,22 +233,30 @@ def _tap_hooks(module, params: dict, taps) -> list:
     Conv1D whose weight is trained, for K-FAC (core/baselines.py); the caller removes them."""
     import torch
 
+    def first(inputs, kwargs):
+        return inputs[0] if inputs else next(iter(kwargs.values()))
+
     def linear(name, transposed):
         if transposed:
             taps.transposed.add(name)
-        return lambda mod, inputs, out: taps.tap(name, inputs[0], out)
+        return lambda mod, inputs, kwargs, out: taps.tap(name, first(inputs, kwargs), out)
 
     def conv(name, m):
         if m.groups != 1:
             raise ConfigError(f"ekfac and source: the model's {name} is a grouped convolution ({m.groups} groups), "
                               "which K-FAC taps do not cover; use another method")
         padding = _conv_padding(name, m)
-        return lambda mod, inputs, out: taps.tap_conv(name, inputs[0], out, m.kernel_size, padding, m.stride,
-                                                      m.dilation)
+        return lambda mod, inputs, kwargs, out: taps.tap_conv(name, first(inputs, kwargs), out, m.kernel_size,
+                                                              padding, m.stride, m.dilation)
 
+    uses: dict = {}  # a tied weight (one Parameter under several names) has several uses: K-FAC covers none
+    for _, p in module.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
     chosen = []  # every layer checked before any hook is registered: a refusal leaves none behind
     for name, m in module.named_modules():
         if f"{name}.weight" not in params:  # frozen, or the second name of a tied weight
+            continue
+        if uses.get(id(getattr(m, "weight", None)), 0) > 1:  # the first name of a tied weight
             continue
         if isinstance(m, torch.nn.Linear):
             hook = linear(name, False)
@@ -258,7 +267,7 @@ def _tap_hooks(module, params: dict, taps) -> list:
         else:
             continue
         chosen.append((m, hook))
-    return [m.register_forward_hook(hook) for m, hook in chosen]
+    return [m.register_forward_hook(hook, with_kwargs=True) for m, hook in chosen]
 
 
 def module_builder(factory: Callable) -> Callable:

@@ -75,20 +75,39 @@ def attribute_stage(config: Config, run: RunDir, test_ids_spec: str, overwrite: 
         # the values `magic tune` chose, unless given on the command line (a cluster job's config has them)
         tuned, applied = with_tuned(config, run, record) if apply_tuning else (config, {})
         problem = assemble(tuned)
-        tuned = resolve_compile(tuned, problem)
+        tuned = resolve_compile(tuned, problem, run, record["fingerprint"])
         result = _attribute(tuned, run, record, problem, test_ids_spec, overwrite, progress_factory)
         return dataclasses.replace(result, tuned=applied)
 
 
-def resolve_compile(config, problem):
-    """The config with attribute.compile=auto replaced by what it means for this problem
-    (metagrad.should_compile: a function of the config alone, so every command agrees); the
-    baselines never compile."""
+def resolve_compile(config, problem, run=None, fingerprint: str | None = None):
+    """The config with attribute.compile=auto replaced by what it means for this problem: the
+    choice the run's attribute/magic/ folder already holds (for the same training run and output:
+    its scores stay usable whatever the rule says), else metagrad.should_compile, a function of the
+    config alone, so every command decides alike. The baselines never compile."""
     setting = config.attribute.compile
     if isinstance(setting, bool):
         return config
-    chosen = config.attribute.method == "magic" and metagrad.should_compile(problem, setting)
+    chosen = False
+    if config.attribute.method == "magic":
+        held = _held_settings(run, fingerprint) if run is not None else None
+        if held is not None and held.get("output") == config.attribute.output:
+            chosen = held.get("options", {}).get("compile") is True
+        else:
+            chosen = metagrad.should_compile(problem, setting)
     return dataclasses.replace(config, attribute=dataclasses.replace(config.attribute, compile=chosen))
+
+
+def _held_settings(run, fingerprint) -> dict | None:
+    """The settings of attribute/magic/'s scores, if they belong to this training run."""
+    path = run.attribute_settings("magic")
+    try:
+        old = load_json(path) if path.is_file() else None
+    except ValueError:
+        return None
+    if not isinstance(old, dict) or old.get("fingerprint") != fingerprint or not isinstance(old.get("settings"), dict):
+        return None
+    return old["settings"]
 
 
 def settings_of(config) -> dict:
@@ -215,8 +234,8 @@ def _prepare_folder(run, method, settings, fingerprint, overwrite) -> None:
     if old is not None and old.get("fingerprint") == fingerprint and old.get("settings") != settings:
         if not overwrite:
             raise StageError(f"{run.attribute_dir(method)} holds scores computed with other settings "
-                             f"({old.get('settings')}; `magic tune` changes a method's values); pass --overwrite to "
-                             "recompute")
+                             f"({old.get('settings')}; `magic tune` changes a baseline's values, attribute.compile "
+                             "MAGIC's); pass --overwrite to recompute")
     if old is None or old != {"fingerprint": fingerprint, "settings": settings}:
         if old is not None:
             for file in run.attribute_dir(method).glob("test_*.npy"):

@@ -132,7 +132,7 @@ def explain_stage(config: Config, run: RunDir, test_ids_spec: str, k: int = 8, v
         run.clean(exclusive=False)
         record = run.require_trained(config)
         problem = assemble(config)
-        config = resolve_compile(config, problem)
+        config = resolve_compile(config, problem, run, record["fingerprint"])
         return _explain(config, run, record, problem, test_ids_spec, k, verify, workers, progress_factory, groups)
 
 
