@@ -30,7 +30,8 @@ def test_compiled_scores_are_exact_bit_identical_across_strategies_and_kept_apar
     last = json.loads((tmp_path / "run" / "attribute" / "magic" / "last_run.json").read_text())
     assert last["compiled"] is True and 0 < last["compile_seconds"] < last["seconds"]
     assert side["cost"]["compile"] > 0
-    code, _, err = cli("attribute", "--test-ids", "0:6", *TINY, f"out_dir={tmp_path / 'run'}")
+    code, _, err = cli("attribute", "--test-ids", "0:6", *TINY, f"out_dir={tmp_path / 'run'}",
+                       "attribute.compile=false")
     one_line_error(code, err, "holds scores computed with other settings")  # never mixed with eager bits
 
 
@@ -56,20 +57,22 @@ def test_a_compiler_failure_is_one_line(cli, tmp_path, monkeypatch, message, sho
     assert not (tmp_path / "attribute" / "magic" / "scores.npy").exists()
 
 
-@pytest.mark.parametrize("case", ["cnn_plugin", "gpt2_lora", pytest.param("gpt2_tied", marks=pytest.mark.slow),
+@pytest.mark.parametrize("case", ["bn_plugin", "gpt2_lora", pytest.param("cnn_plugin", marks=pytest.mark.slow),
+                                  pytest.param("gpt2_tied", marks=pytest.mark.slow),
                                   pytest.param("resnet_plugin", marks=pytest.mark.slow)])  # ~1 min each, compiling
 def test_compiled_equals_eager_on_modules_and_hugging_face_models(cli, tmp_path, case):
-    """The nn.Module adapter (a CNN plugin and the ResNet example: BatchNorm, whose running
+    """The nn.Module adapter (an MLP and a CNN plugin and the ResNet example: BatchNorm, whose running
     statistics come back as buffers) and the Hugging Face adapter (tied embeddings; LoRA, whose
     base weights are frozen constants) compile as one graph; float64 scores agree with eager ones
     to rounding."""
     from test_hf import _args
-    from test_plugins import CNN_MODULE, RESNET
+    from test_plugins import CNN_MODULE, MLP, RESNET
 
     cnn = ["dataset=digits_images", "dataset.test_fraction=0.9", f"plugins=[{CNN_MODULE}]", "model=cnn_small",
            "model.name=cnn_small_module", "~model.activation", "~model.pool", "~model.head_scale",
            "model.channels=[2,3]", "train.epochs=1", "train.batch_size=32", "dtype=float64"]
-    args = {"cnn_plugin": cnn, "resnet_plugin": RESNET}.get(case) or _args(tmp_path) + (
+    bn = [*MLP, "model.name=mlp_bn_module"]  # an MLP with BatchNorm1d on wine
+    args = {"bn_plugin": bn, "cnn_plugin": cnn, "resnet_plugin": RESNET}.get(case) or _args(tmp_path) + (
         ["model.lora={r: 2, alpha: 4, targets: [c_attn]}"] if case == "gpt2_lora" else [])
     run = [*args, f"out_dir={tmp_path / 'run'}"]
     code, _, err = cli("train", *run)

@@ -33,3 +33,10 @@ def with_dropout(input_shape, n_classes):
 @register_module("mlp_module")
 def mlp_module(input_shape, n_classes, *, hidden: int = 8):
     return nn.Sequential(nn.Linear(input_shape[0], hidden), nn.GELU(), nn.Linear(hidden, n_classes))
+
+
+@register_module("mlp_bn_module")
+def mlp_bn_module(input_shape, n_classes, *, hidden: int = 8):
+    """BatchNorm in a plugin: its running statistics come back as buffers (the compiled pass's case)."""
+    return nn.Sequential(nn.Linear(input_shape[0], hidden), nn.BatchNorm1d(hidden), nn.GELU(),
+                         nn.Linear(hidden, n_classes))
