@@ -95,19 +95,26 @@ def resolve_compile(config, problem, run=None, fingerprint: str | None = None):
             chosen = held.get("options", {}).get("compile") is True
         else:
             chosen = metagrad.should_compile(problem, setting)
+    # config.raw keeps `auto`: a cluster job rebuilt from it resolves it the same way (the folder's choice)
     return dataclasses.replace(config, attribute=dataclasses.replace(config.attribute, compile=chosen))
 
 
 def _held_settings(run, fingerprint) -> dict | None:
     """The settings of attribute/magic/'s scores, if they belong to this training run."""
-    path = run.attribute_settings("magic")
-    try:
-        old = load_json(path) if path.is_file() else None
-    except ValueError:
-        return None
+    old = _folder_settings(run, "magic")
     if not isinstance(old, dict) or old.get("fingerprint") != fingerprint or not isinstance(old.get("settings"), dict):
         return None
     return old["settings"]
+
+
+def _folder_settings(run, method: str) -> dict | None:
+    """attribute/<method>/settings.json, or None if absent, torn or damaged (the per-id sidecars
+    still say what each file is)."""
+    path = run.attribute_settings(method)
+    try:
+        return load_json(path) if path.is_file() else None
+    except ValueError:
+        return None
 
 
 def settings_of(config) -> dict:
@@ -227,10 +234,7 @@ def _prepare_folder(run, method, settings, fingerprint, overwrite) -> None:
     deleted (they can never be used), scores of other settings are kept unless --overwrite."""
 
     path = run.attribute_settings(method)
-    try:
-        old = load_json(path) if path.is_file() else None
-    except ValueError:
-        old = None  # torn or damaged: the per-id sidecars still say what each file is
+    old = _folder_settings(run, method)
     if old is not None and old.get("fingerprint") == fingerprint and old.get("settings") != settings:
         if not overwrite:
             raise StageError(f"{run.attribute_dir(method)} holds scores computed with other settings "
