@@ -388,6 +388,11 @@ def _in_eigenbasis(v, q_a, q_g, scale):
     return q_g @ ((q_g.T @ v @ q_a) * scale) @ q_a.T
 
 
+def segment_factors(problem: Problem, segments: list) -> list:
+    """Each segment's EK-FAC factors at its state, its labels drawn with its own tag."""
+    return [ekfac_factors(problem, state, tag) for tag, (state, _) in enumerate(segments)]
+
+
 def source_from(problem: Problem, segments: list, test_grads: dict, damping: float, relative: bool,
                 clock: Clock | None = None, factors: list | None = None):
     """SOURCE scores (N, J) from the segments [(state at the segment's end, horizon a * K: a number, or
@@ -397,8 +402,8 @@ def source_from(problem: Problem, segments: list, test_grads: dict, damping: flo
     clock = clock or Clock()
     ds = problem.dataset
     with clock.training_side():
-        if factors is None:  # the segments' EK-FAC factors (given: computed for these states before)
-            factors = [ekfac_factors(problem, state, tag) for tag, (state, _) in enumerate(segments)]
+        if factors is None:  # given: computed for these states before
+            factors = segment_factors(problem, segments)
     layers = {name: f[3] for name, f in factors[-1].items()}  # {layer: transposed}
     u = {name: _layer_matrix(test_grads, name, layers[name]) for name in layers}  # grad f, carried back
     out = torch.zeros(ds.n_train, next(iter(u.values())).shape[0], dtype=torch.float64, device=problem.device)
@@ -461,7 +466,6 @@ def source(problem: Problem, final: TrainState, test_ids, output: str, options: 
     (_, g_test), = per_example_grads(problem, final, ds.x_test[ids], ds.y_test[ids], OUTPUT_FUNCTIONS[output],
                                     chunk=len(ids))
     with clock.training_side():
-        factors = memoized(memo, ("source-factors", n_segments),
-                           lambda: [ekfac_factors(problem, state, tag) for tag, (state, _) in enumerate(segments)])
+        factors = memoized(memo, ("source-factors", n_segments), lambda: segment_factors(problem, segments))
     return source_from(problem, segments, g_test, float(options["damping"]), bool(options["relative_damping"]), clock,
                        factors)

@@ -104,6 +104,7 @@ class ModuleModel:
         self.init_from, self.trainable = init_from, tuple(trainable)
         self.module = self._build(seed=0)
         self.bn_names = _make_pure(self.module)
+        self._bns = {name: self.module.get_submodule(name) for name in self.bn_names}  # looked up once
         self.module.train(True)  # one mode for every submodule (apply switches the root's, so all follow)
         names = [n for n, _ in self.module.named_parameters()]  # a tied parameter under its first name only
         self.train_names = [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in self.trainable)]
@@ -191,8 +192,7 @@ class ModuleModel:
 
     def _apply(self, params, buffers, x, train: bool):
         sinks = {}
-        for name in self.bn_names:
-            bn = self.module.get_submodule(name)
+        for name, bn in self._bns.items():
             bn.sink = sinks.setdefault(name, {})
         self._hold_frozen(x.device, next(iter(params.values())).dtype)
         if self.module.training != train:  # module.train() walks every submodule; all share the root's mode
@@ -200,8 +200,8 @@ class ModuleModel:
         try:
             out = self._forward({**params, **buffers}, x)
         finally:  # no module keeps a reference to this call's tensors: under torch.compile one would be a
-            for name in self.bn_names:  # side effect carrying transformed (vmap, grad) tensors out of the graph
-                self.module.get_submodule(name).sink = None
+            for bn in self._bns.values():  # side effect carrying transformed (vmap, grad) tensors out of the graph
+                bn.sink = None
         new_buffers = dict(buffers)
         for name, sink in sinks.items():
             for key, value in sink.items():
